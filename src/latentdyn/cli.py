@@ -1,0 +1,47 @@
+"""The Hydra application behind ``latentdyn`` and ``python -m latentdyn``.
+
+Imports only Hydra and OmegaConf at module level so that ``--help`` and ``--cfg job`` stay fast; the
+experiment's pipeline (and with it torch / lightning) is imported only when a job runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+from hydra.utils import get_method
+from omegaconf import DictConfig
+
+from latentdyn.config import conf_dir, register_resolvers
+
+log = logging.getLogger("latentdyn")
+
+register_resolvers()
+
+
+def available_experiments() -> list[str]:
+    """Names of the experiment configs shipped in ``conf/experiment``."""
+    return sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+
+
+def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+    """Dispatch to the pipeline the experiment config names (``pipeline: module.function``)."""
+    if cfg.get("pipeline") is None:
+        raise ValueError(
+            "no experiment chosen: run `latentdyn experiment=NAME`; available: " + ", ".join(available_experiments())
+        )
+    pipeline = get_method(cfg.pipeline)
+    metrics = pipeline(cfg)
+    return dict(metrics or {})
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+def main(cfg: DictConfig) -> dict[str, Any]:
+    """Run the configured experiment as one tracked job."""
+    # Hydra turns callback exceptions into warnings; an untracked run must not pass silently.
+    from latentdyn.tracking.run import current_run
+
+    if current_run() is None:
+        raise RuntimeError("run tracking did not start (see the warning above); refusing to run an untracked job")
+    return run_pipeline(cfg)

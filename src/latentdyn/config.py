@@ -1,0 +1,40 @@
+"""Where the Hydra config tree lives and the OmegaConf resolvers it uses.
+
+Kept free of torch/lightning imports: the CLI imports this on every invocation (``--help`` must stay fast).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+# One stamp per process: every `${latentdyn.utc_stamp:}` in a run resolves to the same run id.
+_PROCESS_STAMP = datetime.now(UTC).strftime("%Y-%m-%d_%H-%M-%S_%f")
+
+
+def conf_dir() -> Path:
+    """Absolute path of the config tree: inside the package for wheel installs, the repo's ``conf/`` otherwise."""
+    package_dir = Path(__file__).resolve().parent
+    for candidate in (package_dir / "conf", package_dir.parents[1] / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"latentdyn config tree not found next to {package_dir}")
+
+
+def utc_stamp() -> str:
+    """UTC timestamp with microseconds, fixed for the life of the process (the default run id)."""
+    return _PROCESS_STAMP
+
+
+def register_resolvers() -> None:
+    """Register latentdyn's OmegaConf resolvers (idempotent)."""
+    resolvers = {
+        "latentdyn.utc_stamp": utc_stamp,
+        "latentdyn.cwd": os.getcwd,
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)

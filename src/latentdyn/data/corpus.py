@@ -1,0 +1,70 @@
+"""The utterance index shared by every corpus (synthetic, LibriSpeech).
+
+An index is a JSON-lines file, one utterance per line (audiocraft-style manifest), so it can be
+read, grepped and diffed without the package.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One audio file of a corpus.
+
+    Attributes:
+        utt_id: corpus-unique id (LibriSpeech style ``speaker-chapter-utterance``).
+        speaker: speaker id.
+        path: absolute path to the audio file.
+        duration: seconds.
+        sample_rate: Hz of the file on disk (resampling happens at load time).
+        gender: ``"M"``, ``"F"`` or ``"U"`` (unknown).
+        chapter: LibriSpeech chapter id, or ``""``.
+        subset: corpus subset (``train-clean-100``, ``synthetic``, ...), or ``""``.
+    """
+
+    utt_id: str
+    speaker: str
+    path: str
+    duration: float
+    sample_rate: int
+    gender: str = "U"
+    chapter: str = ""
+    subset: str = ""
+
+
+_FIELDS = tuple(f.name for f in fields(Utterance))
+
+
+def write_index(utterances: Iterable[Utterance], path: Path) -> None:
+    """Write an utterance index as JSON lines (one object per utterance), atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as fh:
+        for utt in utterances:
+            fh.write(json.dumps(asdict(utt), sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def read_index(path: Path) -> list[Utterance]:
+    """Read an index written by :func:`write_index`; unknown keys are an error, not ignored."""
+    utts: list[Utterance] = []
+    with Path(path).open() as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            unknown = set(row) - set(_FIELDS)
+            if unknown:
+                raise ValueError(f"{path}:{line_no}: unknown index fields {sorted(unknown)}")
+            utts.append(Utterance(**row))
+    return utts
+
+
+def total_hours(utterances: Sequence[Utterance]) -> float:
+    """Total audio duration in hours."""
+    return sum(u.duration for u in utterances) / 3600.0

@@ -1,0 +1,233 @@
+"""Collect completed runs from the manifest into results tables (the ``latentdyn-results`` command).
+
+Writes ``outputs/results_table.csv`` (one row per completed run, key metrics as columns) and
+``outputs/results_table.md`` (one table per experiment), and lists failed and crashed runs separately.
+Imports nothing heavy: it must answer in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import os
+import socket
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from latentdyn.tracking.manifest import MANIFEST_NAME, iter_records
+
+CSV_NAME = "results_table.csv"
+MD_NAME = "results_table.md"
+_BASE_COLUMNS = ("experiment", "run_id", "tier", "end_time", "duration_s", "weights", "git_commit", "run_dir")
+
+
+@dataclass
+class RunSummary:
+    """A run as the manifest tells it: its last status and, when it ended, its metrics or error."""
+
+    run_id: str
+    experiment: str
+    tier: str
+    run_dir: str
+    status: str
+    start_time: str
+    end_time: str | None = None
+    duration_s: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, Any] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+    git_commit: str | None = None
+    host: str | None = None
+    pid: int | None = None
+
+
+def summarize_runs(records: Iterable[dict[str, Any]]) -> list[RunSummary]:
+    """Fold manifest lines into runs, in start order.
+
+    Each ``started`` line opens a run; the next ``completed``/``failed`` line with the same run id closes
+    it. A run never closed is ``crashed`` (or ``running`` if its process is still alive on this host).
+    """
+    runs: list[RunSummary] = []
+    open_runs: dict[str, RunSummary] = {}
+    for rec in records:
+        status, run_id = rec.get("status"), str(rec.get("run_id"))
+        if status == "started":
+            run = RunSummary(
+                run_id=run_id,
+                experiment=str(rec.get("experiment")),
+                tier=str(rec.get("tier") or ""),
+                run_dir=str(rec.get("run_dir") or ""),
+                status="crashed",
+                start_time=str(rec.get("time")),
+                git_commit=rec.get("git_commit"),
+                host=rec.get("host"),
+                pid=rec.get("pid"),
+            )
+            runs.append(run)
+            open_runs[run_id] = run
+        elif status in ("completed", "failed") and run_id in open_runs:
+            run = open_runs.pop(run_id)
+            run.status = status
+            run.end_time = rec.get("time")
+            run.duration_s = rec.get("duration_s")
+            run.metrics = dict(rec.get("metrics") or {})
+            run.weights = dict(rec.get("weights") or {})
+            run.error = rec.get("error")
+    for run in open_runs.values():
+        if _process_alive(run.host, run.pid):
+            run.status = "running"
+    return runs
+
+
+def _process_alive(host: str | None, pid: int | None) -> bool:
+    if pid is None or host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def select_runs(runs: Sequence[RunSummary], experiment: str | None, latest: bool) -> list[RunSummary]:
+    """Completed runs, optionally of one experiment, optionally only the newest per experiment."""
+    done = [r for r in runs if r.status == "completed" and (experiment is None or r.experiment == experiment)]
+    if latest:
+        newest: dict[str, RunSummary] = {}
+        for run in done:
+            if run.experiment not in newest or (run.end_time or "") >= (newest[run.experiment].end_time or ""):
+                newest[run.experiment] = run
+        done = [r for r in done if newest[r.experiment] is r]
+    return done
+
+
+def weights_label(weights: dict[str, Any]) -> str:
+    """Short provenance of a run's weights, e.g. ``mimi:random``; empty when nothing was recorded."""
+    parts = []
+    for name, prov in sorted(weights.items()):
+        source = prov.get("source") if isinstance(prov, dict) else prov
+        parts.append(f"{name}:{source}")
+    return " ".join(parts)
+
+
+def table_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Columns (base columns, then every metric name in first-seen order) and one row dict per run."""
+    metric_names: list[str] = []
+    for run in runs:
+        metric_names.extend(k for k in run.metrics if k not in metric_names)
+    rows = []
+    for run in runs:
+        row: dict[str, Any] = {
+            "experiment": run.experiment,
+            "run_id": run.run_id,
+            "tier": run.tier,
+            "end_time": run.end_time,
+            "duration_s": run.duration_s,
+            "weights": weights_label(run.weights),
+            "git_commit": (run.git_commit or "")[:10],
+            "run_dir": run.run_dir,
+        }
+        row.update({k: run.metrics.get(k) for k in metric_names})
+        rows.append(row)
+    return [*_BASE_COLUMNS, *metric_names], rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_csv(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    return buf.getvalue()
+
+
+def _md_table(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c)).replace("|", "\\|") for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(selected: Sequence[RunSummary], all_runs: Sequence[RunSummary]) -> str:
+    """One table per experiment (only that experiment's metrics as columns), then failed/crashed runs."""
+    out = ["# latentdyn results", ""]
+    if not selected:
+        out += ["No completed runs.", ""]
+    for experiment in dict.fromkeys(r.experiment for r in selected):
+        runs = [r for r in selected if r.experiment == experiment]
+        columns, rows = table_rows(runs)
+        columns = [c for c in columns if c not in ("experiment", "tier", "run_dir")]
+        out += [f"## {experiment}", "", _md_table(columns, rows), ""]
+    failed = [r for r in all_runs if r.status == "failed"]
+    if failed:
+        out += ["## Failed runs", ""]
+        out += [
+            f"- `{r.run_id}` ({r.experiment}): {(r.error or {}).get('type', '')}: "
+            f"{(r.error or {}).get('message', '')} — {r.run_dir}"
+            for r in failed
+        ]
+        out.append("")
+    crashed = [r for r in all_runs if r.status in ("crashed", "running")]
+    if crashed:
+        out += ["## Crashed or unfinished runs (started, never ended)", ""]
+        out += [f"- `{r.run_id}` ({r.experiment}, {r.status}) started {r.start_time} — {r.run_dir}" for r in crashed]
+        out.append("")
+    return "\n".join(out)
+
+
+def default_outputs_dir() -> Path:
+    root = os.environ.get("LATENTDYN_ROOT")
+    return Path(root) / "outputs" if root else Path("outputs")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="latentdyn-results",
+        description="Collect completed latentdyn runs from outputs/manifest.jsonl into results tables.",
+    )
+    parser.add_argument("--latest", action="store_true", help="only the most recent completed run per experiment")
+    parser.add_argument("--experiment", metavar="NAME", help="only runs of this experiment")
+    parser.add_argument("--no-save", action="store_true", help="print only; do not write the table files")
+    parser.add_argument(
+        "--outputs",
+        type=Path,
+        default=None,
+        help="outputs directory holding manifest.jsonl (default: $LATENTDYN_ROOT/outputs or ./outputs)",
+    )
+    args = parser.parse_args(argv)
+    outputs = args.outputs or default_outputs_dir()
+    manifest = outputs / MANIFEST_NAME
+    if not manifest.exists():
+        print(f"latentdyn-results: no manifest at {manifest} (run an experiment first)", file=sys.stderr)
+        return 1
+    all_runs = summarize_runs(iter_records(manifest))
+    if args.experiment:
+        all_runs = [r for r in all_runs if r.experiment == args.experiment]
+    selected = select_runs(all_runs, args.experiment, args.latest)
+    markdown = render_markdown(selected, all_runs)
+    print(markdown)
+    if not args.no_save:
+        columns, rows = table_rows(selected)
+        (outputs / CSV_NAME).write_text(render_csv(columns, rows))
+        (outputs / MD_NAME).write_text(markdown)
+        print(f"wrote {outputs / CSV_NAME} and {outputs / MD_NAME}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

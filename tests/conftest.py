@@ -1,0 +1,68 @@
+"""Shared fixtures: composing configs with Hydra's compose API and running the CLI in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from latentdyn.config import conf_dir, register_resolvers
+
+register_resolvers()
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """Compose the app config like the CLI does, rooted in a temporary directory.
+
+    ``run_dir`` points at ``tmp_path/run`` so pipelines can be called directly with the result.
+    """
+
+    def _compose(overrides: Sequence[str] = ()) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose(
+                config_name="config",
+                overrides=[f"paths.root_dir={tmp_path}", *overrides],
+            )
+        with open_dict(cfg):
+            cfg.run_dir = str(tmp_path / "run")
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def run_cli(
+    args: Sequence[str], root: Path, *, module: str = "latentdyn", timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m <module> ARGS`` with LATENTDYN_ROOT=root; raises with the output on failure."""
+    env = {**os.environ, "LATENTDYN_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def manifest_lines(root: Path) -> list[dict]:
+    """The manifest's records under ``root/outputs``."""
+    path = root / "outputs" / "manifest.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,27 @@
+"""Tiny pipelines for testing the tracking contract without any science (no torch import)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+log = logging.getLogger("tests.pipelines")
+
+
+def ok(cfg: DictConfig) -> dict[str, float]:
+    log.info("ok pipeline ran with seed %s", cfg.seed)
+    return {"score": float(cfg.seed) + 0.5, "n": 3}
+
+
+def boom(cfg: DictConfig) -> dict[str, float]:
+    log.info("about to fail")
+    raise RuntimeError("deliberate failure for the tracking test")
+
+
+def hang(cfg: DictConfig) -> dict[str, float]:
+    Path(cfg.run_dir, "hanging").write_text("x")
+    time.sleep(600)
+    return {}
