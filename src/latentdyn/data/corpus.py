@@ -7,6 +7,7 @@ read, grepped and diffed without the package.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -40,20 +41,31 @@ class Utterance:
 _FIELDS = tuple(f.name for f in fields(Utterance))
 
 
-def write_index(utterances: Iterable[Utterance], path: Path) -> None:
-    """Write an utterance index as JSON lines (one object per utterance), atomically."""
+def write_index(utterances: Iterable[Utterance], path: Path, *, relative_to: Path | None = None) -> None:
+    """Write an utterance index as JSON lines (one object per utterance), atomically.
+
+    With ``relative_to``, audio paths under that directory are stored relative to the index's own
+    directory, so a corpus generated in a temporary directory stays valid after it is renamed.
+    """
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w") as fh:
         for utt in utterances:
-            fh.write(json.dumps(asdict(utt), sort_keys=True) + "\n")
+            row = asdict(utt)
+            if relative_to is not None and Path(utt.path).is_relative_to(relative_to):
+                row["path"] = os.path.relpath(utt.path, path.parent)
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
     tmp.replace(path)
 
 
 def read_index(path: Path) -> list[Utterance]:
-    """Read an index written by :func:`write_index`; unknown keys are an error, not ignored."""
+    """Read an index written by :func:`write_index`; relative audio paths resolve against the index's directory.
+
+    Unknown keys are an error, not ignored.
+    """
+    path = Path(path)
     utts: list[Utterance] = []
-    with Path(path).open() as fh:
+    with path.open() as fh:
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -61,6 +73,7 @@ def read_index(path: Path) -> list[Utterance]:
             unknown = set(row) - set(_FIELDS)
             if unknown:
                 raise ValueError(f"{path}:{line_no}: unknown index fields {sorted(unknown)}")
+            row["path"] = str((path.parent / row["path"]).resolve())
             utts.append(Utterance(**row))
     return utts
 
