@@ -95,7 +95,14 @@ def test_failed_run_records_the_error(tmp_path: Path) -> None:
 
 def test_sigkill_leaves_only_started_and_results_lists_it_as_crashed(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "latentdyn", "pipeline=tests.pipelines.hang", "run_id=killed", *TEST_PIPELINE_ARGS],
+        [
+            sys.executable,
+            "-m",
+            "latentdyn",
+            "pipeline=tests.pipelines.hang",
+            "run_id=killed",
+            *TEST_PIPELINE_ARGS,
+        ],
         cwd=tmp_path,
         env=_env_args(tmp_path),
         stdout=subprocess.DEVNULL,
@@ -153,13 +160,21 @@ def test_concurrent_appends_lose_nothing(tmp_path: Path) -> None:
 def test_sub_runs_are_tracked_in_process(tmp_path: Path) -> None:
     manifest = tmp_path / "outputs" / "manifest.jsonl"
     with tracked_run(
-        run_dir=tmp_path / "sub", manifest_path=manifest, run_id="parent/exp1", experiment="exp1", config={"seed": 1}
+        run_dir=tmp_path / "sub",
+        manifest_path=manifest,
+        run_id="parent/exp1",
+        experiment="exp1",
+        config={"seed": 1},
     ) as run:
         run.record_weights("mel", {"source": "none", "pretrained": False})
         run.result = {"loss": 1.25}
     try:
         with tracked_run(
-            run_dir=tmp_path / "sub2", manifest_path=manifest, run_id="parent/exp2", experiment="exp2", config={}
+            run_dir=tmp_path / "sub2",
+            manifest_path=manifest,
+            run_id="parent/exp2",
+            experiment="exp2",
+            config={},
         ):
             raise ValueError("sub-run failure")
     except ValueError:

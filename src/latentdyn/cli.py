@@ -29,7 +29,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     """Dispatch to the pipeline the experiment config names (``pipeline: module.function``)."""
     if cfg.get("pipeline") is None:
         raise ValueError(
-            "no experiment chosen: run `latentdyn experiment=NAME`; available: " + ", ".join(available_experiments())
+            "no experiment chosen: run `latentdyn experiment=NAME`; available: "
+            + ", ".join(available_experiments())
         )
     pipeline = get_method(cfg.pipeline)
     metrics = pipeline(cfg)
@@ -43,5 +44,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     from latentdyn.tracking.run import current_run
 
     if current_run() is None:
-        raise RuntimeError("run tracking did not start (see the warning above); refusing to run an untracked job")
+        raise RuntimeError(
+            "run tracking did not start (see the warning above); refusing to run an untracked job"
+        )
     return run_pipeline(cfg)

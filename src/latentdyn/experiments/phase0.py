@@ -22,6 +22,19 @@ from latentdyn.tracking.run import METRICS_NAME, record_weights, write_json
 
 log = logging.getLogger(__name__)
 
+# Summary entries that go to the results table; summary.json and metrics.json have them all.
+KEY_METRICS = (
+    "dim",
+    "train_utterances",
+    "val_utterances",
+    "test_utterances",
+    "train_frames",
+    "val_frames",
+    "test_frames",
+    "hours_audio",
+    "bad_files_skipped",
+)
+
 # Bump when the on-disk layout or content of an artifact changes, so stale caches are not reused.
 CORPUS_VERSION = 1
 SPLITS_VERSION = 1
@@ -57,7 +70,9 @@ def prepare_corpus(cfg: DictConfig) -> list[Utterance]:
     def build(tmp: Path) -> None:
         write_index(corpus.materialize(tmp), tmp / INDEX_NAME, relative_to=tmp)
 
-    path = artifacts.get_or_build(Path(cfg.paths.cache_dir), "corpus", corpus_spec(cfg), build, force=cfg.force)
+    path = artifacts.get_or_build(
+        Path(cfg.paths.cache_dir), "corpus", corpus_spec(cfg), build, force=cfg.force
+    )
     return read_index(path / INDEX_NAME)
 
 
@@ -83,14 +98,15 @@ def prepare_splits(cfg: DictConfig) -> dict[str, list[Utterance]]:
         for name, split_utts in splits.items():
             write_index(split_utts, tmp / f"{name}.jsonl")
 
-    path = artifacts.get_or_build(Path(cfg.paths.cache_dir), "splits", splits_spec(cfg), build, force=cfg.force)
+    path = artifacts.get_or_build(
+        Path(cfg.paths.cache_dir), "splits", splits_spec(cfg), build, force=cfg.force
+    )
     return {name: read_index(path / f"{name}.jsonl") for name in SPLITS}
 
 
 def prepare_latent_store(cfg: DictConfig) -> LatentStore:
     """The latent store of ``cfg.data`` x ``cfg.representation`` (built on first use, then reused)."""
     from latentdyn.representations.extract import extract_to_store, resolve_device
-
 
     def build(tmp: Path) -> None:
         rep = instantiate(cfg.representation)
@@ -113,7 +129,9 @@ def prepare_latent_store(cfg: DictConfig) -> LatentStore:
             )
         (tmp / "bad_files.json").write_text(json.dumps([b.__dict__ for b in bad], indent=2))
 
-    path = artifacts.get_or_build(Path(cfg.paths.cache_dir), "latents", store_spec(cfg), build, force=cfg.force)
+    path = artifacts.get_or_build(
+        Path(cfg.paths.cache_dir), "latents", store_spec(cfg), build, force=cfg.force
+    )
     store = LatentStore(path)
     record_weights(store.meta["representation"], store.meta["weights"])
     return store
@@ -147,4 +165,4 @@ def run(cfg: DictConfig) -> dict[str, float]:
         },
     )
     log.info("latent store: %s (%d frames x %d dims)", store.root, store.n_frames, store.dim)
-    return metrics
+    return {key: metrics[key] for key in KEY_METRICS}

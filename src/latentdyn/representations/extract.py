@@ -73,7 +73,11 @@ def aligned_log_energy(wave: torch.Tensor, rep: Representation, n_frames: int) -
     energy = frame_log_energy(wave, hop)
     if energy.shape[-1] >= n_frames:
         return energy[..., :n_frames]
-    pad = energy[..., -1:].expand(n_frames - energy.shape[-1]) if energy.numel() else torch.full((n_frames,), -100.0)
+    pad = (
+        energy[..., -1:].expand(n_frames - energy.shape[-1])
+        if energy.numel()
+        else torch.full((n_frames,), -100.0)
+    )
     return torch.cat([energy, pad], dim=-1)
 
 
@@ -101,7 +105,9 @@ def extract_to_store(
     total_seconds = sum(u.duration for _, u in items)
     bad: list[BadFile] = []
     t0 = time.monotonic()
-    with tqdm(total=round(total_seconds, 1), unit="audio-s", desc=f"extract {rep.name}", unit_scale=True) as bar:
+    with tqdm(
+        total=round(total_seconds, 1), unit="audio-s", desc=f"extract {rep.name}", unit_scale=True
+    ) as bar:
         for batch in length_buckets(items, batch_seconds):
             waves: list[tuple[str, Utterance, torch.Tensor]] = []
             for split, utt in batch:
@@ -117,7 +123,9 @@ def extract_to_store(
             bar.update(round(sum(u.duration for _, u in batch), 1))
             bar.set_postfix(rtf=f"{bar.n / max(time.monotonic() - t0, 1e-9):.0f}x")
     if items and len(bad) == len(items):
-        raise BadAudioError(bad[0].path, f"every one of the {len(items)} audio files is bad; first: {bad[0].reason}")
+        raise BadAudioError(
+            bad[0].path, f"every one of the {len(items)} audio files is bad; first: {bad[0].reason}"
+        )
     return bad
 
 

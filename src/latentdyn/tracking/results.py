@@ -100,7 +100,9 @@ def select_runs(runs: Sequence[RunSummary], experiment: str | None, latest: bool
     if latest:
         newest: dict[str, RunSummary] = {}
         for run in done:
-            if run.experiment not in newest or (run.end_time or "") >= (newest[run.experiment].end_time or ""):
+            if run.experiment not in newest or (run.end_time or "") >= (
+                newest[run.experiment].end_time or ""
+            ):
                 newest[run.experiment] = run
         done = [r for r in done if newest[r.experiment] is r]
     return done
@@ -185,7 +187,10 @@ def render_markdown(selected: Sequence[RunSummary], all_runs: Sequence[RunSummar
     crashed = [r for r in all_runs if r.status in ("crashed", "running")]
     if crashed:
         out += ["## Crashed or unfinished runs (started, never ended)", ""]
-        out += [f"- `{r.run_id}` ({r.experiment}, {r.status}) started {r.start_time} — {r.run_dir}" for r in crashed]
+        out += [
+            f"- `{r.run_id}` ({r.experiment}, {r.status}) started {r.start_time} — {r.run_dir}"
+            for r in crashed
+        ]
         out.append("")
     return "\n".join(out)
 
@@ -200,7 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="latentdyn-results",
         description="Collect completed latentdyn runs from outputs/manifest.jsonl into results tables.",
     )
-    parser.add_argument("--latest", action="store_true", help="only the most recent completed run per experiment")
+    parser.add_argument(
+        "--latest", action="store_true", help="only the most recent completed run per experiment"
+    )
     parser.add_argument("--experiment", metavar="NAME", help="only runs of this experiment")
     parser.add_argument("--no-save", action="store_true", help="print only; do not write the table files")
     parser.add_argument(

@@ -1,0 +1,40 @@
+"""The offline quickstart: Phase 0 -> Exp 1 (k = 1) -> Exp 2 on the configured data and representation,
+then the results table of those runs and the paths of the plots."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from latentdyn.experiments import exp1_vmf, exp2_injection, phase0
+from latentdyn.experiments.composite import run_sub_experiment
+from latentdyn.tracking.manifest import iter_records
+from latentdyn.tracking.results import render_markdown, summarize_runs
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    _, p0 = run_sub_experiment(cfg, "phase0", phase0.run, tier="phase0")
+    exp1_cfg, e1 = run_sub_experiment(cfg, "exp1_vmf", exp1_vmf.run, horizons=[int(cfg.horizon_k)])
+    checkpoint = Path(exp1_cfg.run_dir) / "checkpoints" / f"{cfg.model.name}_k{cfg.horizon_k}_final.ckpt"
+    exp2_cfg, e2 = run_sub_experiment(cfg, "exp2_injection", exp2_injection.run, checkpoint=str(checkpoint))
+
+    runs = [
+        r
+        for r in summarize_runs(iter_records(Path(cfg.paths.manifest)))
+        if r.run_id.startswith(f"{cfg.run_id}/")
+    ]
+    print("\n" + render_markdown([r for r in runs if r.status == "completed"], runs))
+    plots = sorted(Path(exp2_cfg.run_dir).glob("*.png"))
+    print("Plots:\n" + "\n".join(f"  {p}" for p in plots))
+    print(f"Battery table: {Path(exp1_cfg.run_dir) / 'tables.csv'}")
+    k = int(cfg.horizon_k)
+    return {
+        "train_frames": p0["train_frames"],
+        f"k{k}/nll_per_dim": e1[f"k{k}/nll_per_dim"],
+        f"k{k}/persistence_nll_per_dim": e1[f"k{k}/persistence_nll_per_dim"],
+        **{key: value for key, value in e2.items() if key.endswith(("auc_mse", "divergence_step"))},
+    }

@@ -1,0 +1,128 @@
+"""Latent dynamics models: ``p(z[t+k] - z[t] | z[t-(W-1)s .. t])`` in the latent store's standardised space.
+
+:class:`DynamicsNet` is the plain ``nn.Module`` (backbone + head) that diagnostics use;
+:class:`DynamicsModel` is the LightningModule that trains it and whose checkpoints embed the resolved
+config of the run that produced them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from latentdyn.models.net import DynamicsNet
+from latentdyn.models.protocol import DeltaPredictive
+
+CONFIG_KEY = "latentdyn_config"
+
+
+class DynamicsModel(pl.LightningModule):
+    """Trains a :class:`DynamicsNet` by maximum likelihood of the standardised delta.
+
+    The loss and every logged NLL are per dimension (nats / D), comparable across heads and representations.
+
+    Args:
+        dim: latent dimension D.
+        context, horizon, context_stride: window W, prediction horizon k (frames), context stride s.
+        backbone, head: Hydra configs (``_target_``) of the context encoder and the output head.
+        optimizer: ``lr``, ``weight_decay``, ``warmup_steps`` (linear warm-up, then cosine decay to 10 %).
+        name: checkpoint prefix (``vmf``, ``mdn``).
+        run_config: the resolved config of the producing run, embedded in checkpoints.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        context: int,
+        horizon: int,
+        backbone: Mapping[str, Any],
+        head: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        context_stride: int = 1,
+        name: str = "model",
+        run_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["run_config"])
+        self.run_config = dict(run_config or {})
+        # Prefix of logged metric names, so one job's logger can hold several models (``k1/``, ``k2/``).
+        self.metric_prefix = ""
+        self.net = DynamicsNet(dim, context, horizon, backbone, head, context_stride)
+
+    # DeltaModel protocol, delegated to the net.
+    @property
+    def dim(self) -> int:
+        return self.net.dim
+
+    @property
+    def context(self) -> int:
+        return self.net.context
+
+    @property
+    def horizon(self) -> int:
+        return self.net.horizon
+
+    @property
+    def context_stride(self) -> int:
+        return self.net.context_stride
+
+    def predictive(self, context: torch.Tensor) -> DeltaPredictive:
+        return self.net.predictive(context)
+
+    def nll_per_dim(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean over the batch of ``-log p(Δ) / D``."""
+        predictive = self.net.predictive(batch["context"])
+        return -(predictive.log_prob(batch["target_delta"]).mean() / self.net.dim)
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.nll_per_dim(batch)
+        self.log(
+            f"{self.metric_prefix}train/nll_per_dim",
+            loss,
+            prog_bar=True,
+            batch_size=batch["context"].shape[0],
+        )
+        return loss
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        loss = self.nll_per_dim(batch)
+        self.log(
+            f"{self.metric_prefix}val/nll_per_dim", loss, prog_bar=True, batch_size=batch["context"].shape[0]
+        )
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt_cfg = self.hparams.optimizer
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=opt_cfg["lr"], weight_decay=opt_cfg["weight_decay"]
+        )
+        warmup = int(opt_cfg.get("warmup_steps", 0))
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 10_000
+
+        def lr_factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CONFIG_KEY] = self.run_config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.run_config = dict(checkpoint.get(CONFIG_KEY) or {})
+
+
+def load_dynamics(path: str | Path, map_location: str | torch.device = "cpu") -> DynamicsModel:
+    """Load a dynamics checkpoint (with its embedded run config) in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dynamics checkpoint not found: {path}")
+    model = DynamicsModel.load_from_checkpoint(path, map_location=map_location, weights_only=False)
+    return model.eval()

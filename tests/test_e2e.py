@@ -1,0 +1,44 @@
+"""End-to-end runs through the CLI, as a user types them (marked slow: CI runs them in a separate step)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import manifest_lines, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_quickstart_smoke_end_to_end(tmp_path: Path) -> None:
+    proc = run_cli(["experiment=quickstart", "debug=smoke", "run_id=qs"], tmp_path)
+    run_dir = tmp_path / "outputs" / "quickstart" / "quickstart" / "qs"
+    assert "## exp2_injection" in proc.stdout and "Plots:" in proc.stdout
+    for sub in ("phase0", "exp1_vmf", "exp2_injection"):
+        info = json.loads((run_dir / sub / "run_info.json").read_text())
+        assert info["status"] == "completed" and info["parent_run_id"] == "qs"
+        assert (run_dir / sub / "config.yaml").is_file() and (run_dir / sub / "run.log").is_file()
+    assert (run_dir / "exp1_vmf" / "checkpoints" / "vmf_k1_final.ckpt").is_file()
+    assert (run_dir / "exp2_injection" / "injection_mse.png").is_file()
+    statuses = [(r["run_id"], r["status"]) for r in manifest_lines(tmp_path)]
+    for run_id in ("qs", "qs/phase0", "qs/exp1_vmf", "qs/exp2_injection"):
+        assert (run_id, "started") in statuses and (run_id, "completed") in statuses
+
+    results = run_cli(["--latest"], tmp_path, module="latentdyn.tracking.results")
+    assert "qs/exp2_injection" in results.stdout and "D_rollout/auc_mse" in results.stdout
+    assert (tmp_path / "outputs" / "results_table.csv").is_file()
+
+
+def test_exp2_checkpoint_latest_after_exp1_cli(tmp_path: Path) -> None:
+    run_cli(["experiment=exp1_vmf", "debug=smoke", "horizons=[1]", "run_id=e1"], tmp_path)
+    run_cli(["experiment=exp2_injection", "debug=smoke", "checkpoint=latest", "run_id=e2"], tmp_path)
+    info = json.loads(
+        (tmp_path / "outputs" / "tier1" / "exp2_injection" / "e2" / "run_info.json").read_text()
+    )
+    assert info["status"] == "completed"
+    assert (
+        "checkpoints/vmf_k1_final.ckpt"
+        in (tmp_path / "outputs" / "tier1" / "exp2_injection" / "e2" / "run.log").read_text()
+    )

@@ -1,0 +1,91 @@
+"""Exp 1 and Exp 2 pipelines under debug=smoke: outputs, checkpoints with embedded config, determinism."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentdyn.experiments import exp1_vmf, exp2_injection
+from latentdyn.models.dynamics import CONFIG_KEY, load_dynamics
+from latentdyn.tracking.lookup import resolve_checkpoint
+from latentdyn.tracking.manifest import append_record
+
+SMOKE = ["debug=smoke", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def lightning_loaded() -> None:
+    import lightning.pytorch  # noqa: F401  (one ~20 s import for the module)
+
+
+def _exp1(compose_cfg, *overrides: str):
+    cfg = compose_cfg(["experiment=exp1_vmf", *SMOKE, "horizons=[1]", *overrides])
+    return cfg, exp1_vmf.run(cfg)
+
+
+@pytest.mark.parametrize("model", ["vmf_lognormal", "gaussian_mdn"])
+def test_exp1_writes_checkpoints_metrics_and_tables(compose_cfg, lightning_loaded, model: str) -> None:
+    cfg, metrics = _exp1(compose_cfg, f"model={model}")
+    run_dir = Path(cfg.run_dir)
+    prefix = "vmf" if model == "vmf_lognormal" else "mdn"
+    ckpt = run_dir / "checkpoints" / f"{prefix}_k1_final.ckpt"
+    assert ckpt.is_file()
+    assert torch.load(ckpt, weights_only=False)[CONFIG_KEY]["name"] == "exp1_vmf"
+    loaded = load_dynamics(ckpt)
+    assert loaded.run_config["model"]["head"]["_target_"] == cfg.model.head._target_
+    with (run_dir / "tables.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(r["slice"], r["predictor"]) for r in rows} == {
+        (s, p) for s in ("all", "high_energy", "utterance_medial") for p in ("model", "persistence", "linear")
+    }
+    model_all = next(r for r in rows if r["slice"] == "all" and r["predictor"] == "model")
+    assert float(model_all["nll_per_dim"]) == pytest.approx(metrics["k1/nll_per_dim"])
+    assert metrics["k1/persistence_mse"] > 0
+    details = json.loads((run_dir / "metrics.json").read_text())
+    assert details["horizons"]["k1"]["checkpoint"] == str(ckpt)
+
+
+def test_exp1_same_config_and_seed_give_same_metrics(compose_cfg, lightning_loaded) -> None:
+    _, first = _exp1(compose_cfg)
+    _, second = _exp1(compose_cfg)
+    _, other_seed = _exp1(compose_cfg, "seed=1")
+    assert first == second
+    assert first != other_seed
+
+
+def test_exp2_runs_the_injection_diagnostic_of_a_checkpoint(compose_cfg, lightning_loaded) -> None:
+    cfg1, _ = _exp1(compose_cfg)
+    ckpt = Path(cfg1.run_dir) / "checkpoints" / "vmf_k1_final.ckpt"
+    cfg2 = compose_cfg(["experiment=exp2_injection", *SMOKE, f"checkpoint={ckpt}"])
+    metrics = exp2_injection.run(cfg2)
+    run_dir = Path(cfg2.run_dir)
+    for name in ("per_step.csv", "metrics.json", "injection_mse.png"):
+        assert (run_dir / name).is_file(), name
+    modes = ("A_teacher", "B_periodic", "C_one_shot", "D_rollout")
+    assert all(f"{mode}/auc_mse" in metrics for mode in modes)
+    # Teacher forcing cannot compound errors: free-running is no better on the area under the MSE curve.
+    assert metrics["D_rollout/auc_mse"] >= metrics["A_teacher/auc_mse"] * 0.5
+    with (run_dir / "per_step.csv").open() as fh:
+        steps = {int(r["step"]) for r in csv.DictReader(fh)}
+    assert steps == set(range(cfg2.diagnostic.horizon))
+
+
+def test_checkpoint_latest_resolves_through_the_manifest(tmp_path: Path) -> None:
+    manifest = tmp_path / "manifest.jsonl"
+    for i, (run_id, status) in enumerate((("old", "completed"), ("new", "completed"), ("newest", "failed"))):
+        run_dir = tmp_path / run_id
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "checkpoints" / "vmf_k1_final.ckpt").write_bytes(b"x")
+        base = {"run_id": run_id, "experiment": "exp1_vmf", "run_dir": str(run_dir)}
+        append_record(manifest, {**base, "status": "started", "time": f"2026-01-01T00:00:0{i}"})
+        append_record(manifest, {**base, "status": status, "time": f"2026-01-01T00:00:0{i}"})
+    path = resolve_checkpoint("latest", manifest, "exp1_vmf", "*_k1_final.ckpt")
+    assert path == tmp_path / "new" / "checkpoints" / "vmf_k1_final.ckpt"
+    with pytest.raises(FileNotFoundError, match="exp1b"):
+        resolve_checkpoint("latest:exp1b", manifest, "exp1_vmf", "*_k1_final.ckpt")
+    with pytest.raises(FileNotFoundError, match="nothing.ckpt"):
+        resolve_checkpoint(str(tmp_path / "nothing.ckpt"), manifest, "exp1_vmf", "*")
