@@ -141,8 +141,11 @@ def test_batched_encode_and_decode_equal_per_item() -> None:
 
 def test_decode_validates_shape() -> None:
     rep = MelRepresentation(frame_rate=75.0)
-    with pytest.raises(ValueError, match=r"\(B, 80, T\)"):
+    with pytest.raises(ValueError, match=r"\(B, 80, T >= 1\)"):
         rep.decode(torch.zeros(1, 40, 5))
+    with pytest.raises(ValueError, match=r"\(B, 80, T >= 1\)"):
+        rep.decode(torch.zeros(1, 80, 0))
+    assert rep.encode(torch.zeros(2, 1, rep.hop - 1)).shape == (2, 80, 0)
     with pytest.raises(ValueError, match=r"\(B, 1, S\)"):
         rep.encode(torch.zeros(1, 2400))
 

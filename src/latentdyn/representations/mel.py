@@ -220,8 +220,8 @@ class MelRepresentation(torch.nn.Module):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``(B, n_mels, T)`` log-mel -> ``(B, 1, T * hop)`` float32 audio via Griffin–Lim."""
-        if latents.dim() != 3 or latents.shape[1] != self.dim:
-            raise ValueError(f"expected latents of shape (B, {self.dim}, T), got {tuple(latents.shape)}")
+        if latents.dim() != 3 or latents.shape[1] != self.dim or latents.shape[2] < 1:
+            raise ValueError(f"expected latents of shape (B, {self.dim}, T >= 1), got {tuple(latents.shape)}")
         mel = torch.exp(latents.to(device=self.device, dtype=torch.float32))
         magnitude = self.mel_to_power(mel).sqrt()
         return self.griffin_lim(magnitude)[:, None]
