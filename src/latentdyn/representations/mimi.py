@@ -1,0 +1,165 @@
+"""Kyutai's Mimi codec (``moshi`` package) as a continuous latent representation (DESIGN §7).
+
+Latents are Mimi's continuous pre-quantisation embedding, ``encode_to_latent(x, quantize=False)``:
+512-d at 12.5 Hz (one frame per 1920 samples of 24 kHz audio). Mimi is causal: ``encode`` zero-pads the
+signal at the end to a whole number of frames, so an ``S``-sample signal gives ``ceil(S / 1920)`` frames,
+and frame ``t`` depends only on samples before ``(t + 1) * 1920``. A batch of zero-padded signals
+therefore gives, cropped to each signal's own frame count, the same latents as encoding each alone.
+
+Decoding. moshi decodes integer codes (``quantizer.decode`` then :meth:`MimiModel.decode`). A continuous
+latent instead goes through the quantiser's bypass, the path Mimi's training forward takes when
+quantisation is skipped (``no_quantization_rate``): each of the two split quantisers
+(``rvq_first``, the semantic one, and ``rvq_rest``, the acoustic ones) maps ``z`` through
+``output_proj(input_proj(z))`` (512 -> 256 -> 512, bias-free 1x1 convolutions) and their outputs are
+summed. The result is upsampled to the encoder's 25 Hz, run through the decoder transformer and the
+SEANet decoder, exactly as :meth:`MimiModel.decode` treats ``quantizer.decode(codes)``.
+
+Both directions run in float32 under ``torch.no_grad`` (not ``inference_mode``: its tensors cannot be
+used by autograd later, and latents feed trainable models downstream).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from moshi.models import loaders
+from moshi.models.compression import MimiModel
+from moshi.quantization import ResidualVectorQuantizer, SplitResidualVectorQuantizer
+
+from latentdyn.representations.weights import locate_pretrained, random_provenance, seeded_init
+
+__all__ = ["MimiRepresentation", "bypass_quantizer"]
+
+log = logging.getLogger(__name__)
+
+
+def bypass_quantizer(quantizer: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """A moshi quantiser's no-quantisation output for a continuous input, ``(B, D, T) -> (B, D, T)``.
+
+    What ``quantizer(z, frame_rate).x`` returns when quantisation is skipped (in training mode with
+    ``no_quantization_rate = 1``): ``output_proj(input_proj(z))`` for a :class:`ResidualVectorQuantizer`,
+    and the sum of that over both halves of a :class:`SplitResidualVectorQuantizer`.
+    """
+    if isinstance(quantizer, SplitResidualVectorQuantizer):
+        return bypass_quantizer(quantizer.rvq_first, z) + bypass_quantizer(quantizer.rvq_rest, z)
+    if isinstance(quantizer, ResidualVectorQuantizer):
+        return quantizer.output_proj(quantizer.input_proj(z))
+    raise TypeError(f"no quantiser bypass for {type(quantizer).__name__}")
+
+
+class MimiRepresentation(torch.nn.Module):
+    """Mimi's continuous pre-quantisation latents, ``(B, 512, T)`` at 12.5 Hz from 24 kHz audio.
+
+    Args:
+        pretrained: load pretrained weights (from ``checkpoint``, else the HF hub); ``False`` builds the
+            same architecture with random weights drawn with ``seed`` (the global RNG is left untouched).
+        checkpoint: local Mimi safetensors file (``tokenizer-...safetensors``); must exist when given.
+        hf_repo: HF hub repository holding the weights.
+        filename: weights file inside ``hf_repo``.
+        device: where the model lives (it is always built on CPU, then moved).
+        seed: seed of the random weights when ``pretrained`` is false.
+
+    Raises:
+        FileNotFoundError: ``checkpoint`` is given but does not exist.
+        WeightsUnavailableError: pretrained weights asked for, no ``checkpoint``, and the hub cannot supply
+            them (offline and not cached, network error); raised before anything is built.
+    """
+
+    name = "mimi"
+    sample_rate = loaders.SAMPLE_RATE
+    frame_rate = loaders.FRAME_RATE
+    dim = 512
+    weights: dict[str, Any]
+
+    def __init__(
+        self,
+        pretrained: bool = True,
+        checkpoint: str | None = None,
+        hf_repo: str = loaders.DEFAULT_REPO,
+        filename: str = loaders.MIMI_NAME,
+        device: str = "cpu",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if pretrained:
+            located = locate_pretrained(checkpoint=checkpoint, hf_repo=hf_repo, filename=filename)
+            weights_path: str | None = str(located.path)
+            self.weights = located.provenance
+        else:
+            if checkpoint:
+                log.warning("representation.checkpoint=%s is ignored: pretrained=false", checkpoint)
+            weights_path = None
+            self.weights = random_provenance(seed, init="moshi.models.loaders.get_mimi(None)")
+        with seeded_init(seed):
+            try:
+                model = loaders.get_mimi(weights_path, device="cpu")
+            except Exception as err:
+                if weights_path is None:
+                    raise
+                raise RuntimeError(f"could not load Mimi weights from {weights_path}: {err}") from err
+        self.model: MimiModel = model.float().eval()
+        if self.model.sample_rate != self.sample_rate or self.model.frame_size != self.hop:
+            raise RuntimeError(
+                f"moshi's Mimi runs at {self.model.sample_rate} Hz with {self.model.frame_size}-sample frames, "
+                f"expected {self.sample_rate} Hz and {self.hop}"
+            )
+        self.to(device)
+
+    @property
+    def hop(self) -> int:
+        """Samples per latent frame (1920 = 24000 / 12.5)."""
+        return round(self.sample_rate / self.frame_rate)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def num_frames(self, num_samples: int) -> int:
+        """``ceil(num_samples / 1920)``: Mimi zero-pads a partial last frame."""
+        if num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        return math.ceil(int(num_samples) / self.hop)
+
+    def _check_not_streaming(self) -> None:
+        # In streaming mode moshi keeps state across calls and refuses partial frames; latents here are
+        # whole-utterance, so the model must be in its stateless (non-streaming) mode.
+        if self.model.is_streaming:
+            raise RuntimeError("MimiRepresentation needs the Mimi model out of streaming mode")
+
+    @torch.no_grad()
+    def encode(self, wave: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, S)`` audio -> ``(B, 512, ceil(S / 1920))`` float32 pre-quantisation latents."""
+        if wave.dim() != 3 or wave.shape[1] != 1 or wave.shape[-1] < 1:
+            raise ValueError(f"expected audio of shape (B, 1, S >= 1), got {tuple(wave.shape)}")
+        self._check_not_streaming()
+        wave = wave.to(device=self.device, dtype=torch.float32)
+        return self.model.encode_to_latent(wave, quantize=False)
+
+    def synthesise(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Quantiser-output space ``(B, 512, T)`` -> ``(B, 1, T * 1920)`` audio: Mimi's decoder after the
+        quantiser (upsampling to 25 Hz, decoder transformer, SEANet decoder), as in :meth:`MimiModel.decode`."""
+        emb = self.model._to_encoder_framerate(embedding)
+        if self.model.decoder_transformer is not None:
+            (emb,) = self.model.decoder_transformer(emb)
+        return self.model.decoder(emb)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """``(B, 512, T)`` pre-quantisation latents -> ``(B, 1, T * 1920)`` float32 audio, unquantised.
+
+        The latents go through the quantiser bypass (:func:`bypass_quantizer`) instead of codes.
+        """
+        if latents.dim() != 3 or latents.shape[1] != self.dim or latents.shape[2] < 1:
+            raise ValueError(f"expected latents of shape (B, {self.dim}, T >= 1), got {tuple(latents.shape)}")
+        self._check_not_streaming()
+        z = latents.to(device=self.device, dtype=torch.float32)
+        return self.synthesise(bypass_quantizer(self.model.quantizer, z))
+
+    def extra_repr(self) -> str:
+        return (
+            f"sample_rate={self.sample_rate}, frame_rate={self.frame_rate}, dim={self.dim}, "
+            f"weights={self.weights.get('source')}"
+        )
