@@ -1,0 +1,448 @@
+"""Training windows over a latent store: anchors, slices, a batched memmap dataset and a Lightning datamodule.
+
+A *window* is identified by its *anchor* ``t``, the global store row of its last context frame. With
+context ``W``, stride ``s`` and horizon ``k`` it reads
+
+    context  rows t-(W-1)s, ..., t-s, t        (W frames)
+    target   row  t+k                           (the frame whose delta z[t+k] - z[t] is predicted)
+
+and is valid only when all of these rows lie inside one utterance, so an utterance of ``T`` frames holds
+``max(T - (W-1)s - k, 0)`` windows. Slices (DESIGN §9) restrict the anchors further:
+
+* ``all``: every valid window;
+* ``high_energy``: windows whose target frame's log energy is strictly above the ``energy_percentile``-th
+  percentile of the *train* split's frame energies (the threshold comes from train for every split, so
+  val/test slices are not re-normalised to their own loudness);
+* ``utterance_medial``: windows whose first context frame and target frame are both at least
+  ``edge_frames`` frames from either edge of the utterance (position ``p`` in ``0..T-1`` is ``p`` frames
+  from the start and ``T-1-p`` from the end), i.e. ``max(T - (W-1)s - k - 2·edge_frames, 0)`` windows.
+
+Data stay on disk: :class:`WindowDataset` keeps the store's read-only memmap and gathers each batch's rows
+with one fancy index, standardising with the store's train statistics ``(z - mean) / std``.
+
+``LatentWindowDataModule`` is a ``lightning.pytorch.LightningDataModule``. Importing lightning takes
+seconds, so the class is built on first access (module ``__getattr__``): ``from latentdyn.data.windows
+import WindowDataset`` stays cheap, and ``latentdyn.data.windows.LatentWindowDataModule`` (a Hydra
+``_target_`` too) imports lightning once, when it is first used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from latentdyn.data.latent_store import LatentStore
+
+# LatentWindowDataModule is public too, but left out of __all__ so that `import *` does not import lightning.
+__all__ = [
+    "SLICES",
+    "TRAIN_SPLIT",
+    "IndexBatchSampler",
+    "WindowBatches",
+    "WindowDataset",
+    "WindowSpec",
+    "iter_batches",
+    "subsample_anchors",
+    "train_energy_threshold",
+    "window_anchors",
+]
+
+SLICES = ("all", "high_energy", "utterance_medial")
+TRAIN_SPLIT = "train"
+#: Batch fields, each a float32 tensor in the (optionally) standardised space except ``anchor`` (int64).
+FIELDS = ("context", "target_delta", "last", "target", "prev", "anchor")
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """Window geometry in frames: ``context`` W frames ``stride`` apart, target ``horizon`` k frames ahead."""
+
+    context: int
+    horizon: int
+    context_stride: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("context", "horizon", "context_stride"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"WindowSpec.{name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
+
+    @property
+    def span(self) -> int:
+        """Frames from the first context frame to the target frame, inclusive: ``(W-1)s + k + 1``."""
+        return (self.context - 1) * self.context_stride + self.horizon + 1
+
+    @property
+    def context_offsets(self) -> np.ndarray:
+        """Row offsets of the context frames relative to the anchor, oldest first: ``(W,)`` int64, last is 0."""
+        return -self.context_stride * np.arange(self.context - 1, -1, -1, dtype=np.int64)
+
+
+def _open(store: LatentStore | str | Path) -> LatentStore:
+    return store if isinstance(store, LatentStore) else LatentStore(Path(store))
+
+
+def _utterance_table(store: LatentStore, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Start rows and lengths ``(U,)`` int64 of the split's utterances, in row order."""
+    utts = store.utterances(split)
+    starts = np.fromiter((u.start for u in utts), dtype=np.int64, count=len(utts))
+    lengths = np.fromiter((u.n_frames for u in utts), dtype=np.int64, count=len(utts))
+    return starts, lengths
+
+
+def _concatenated_ranges(firsts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``concat(arange(f, f + c) for f, c in zip(firsts, counts))`` without a Python loop; int64."""
+    counts = np.maximum(counts, 0)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    before = np.cumsum(counts) - counts
+    return np.repeat(firsts - before, counts) + np.arange(total, dtype=np.int64)
+
+
+def train_energy_threshold(store: LatentStore, percentile: float) -> float:
+    """The ``percentile``-th percentile (numpy's linear interpolation) of the train split's frame energies, dB.
+
+    Reads the train frames' energies (4 bytes a frame), never the latents.
+    """
+    if not 0.0 <= percentile <= 100.0:
+        raise ValueError(f"energy_percentile must be in [0, 100], got {percentile}")
+    energies = np.concatenate([store.utterance_log_energy(u) for u in store.utterances(TRAIN_SPLIT)])
+    return float(np.percentile(energies, percentile))
+
+
+def window_anchors(
+    store: LatentStore,
+    split: str,
+    spec: WindowSpec,
+    slice_name: str = "all",
+    *,
+    energy_percentile: float = 50.0,
+    edge_frames: int = 4,
+) -> np.ndarray:
+    """Anchors (global rows of the last context frame) of every valid window of ``split`` in ``slice_name``.
+
+    See the module docstring for validity and the slices. Returns ascending ``(N_windows,)`` int64.
+    """
+    if slice_name not in SLICES:
+        raise ValueError(f"unknown slice {slice_name!r}; expected one of {SLICES}")
+    if isinstance(edge_frames, bool) or int(edge_frames) != edge_frames or edge_frames < 0:
+        raise ValueError(f"edge_frames must be a non-negative integer, got {edge_frames!r}")
+    starts, lengths = _utterance_table(store, split)
+    lookback = (spec.context - 1) * spec.context_stride
+    edge = int(edge_frames) if slice_name == "utterance_medial" else 0
+    # Within an utterance the anchor position p satisfies p - lookback >= edge and p + k <= T - 1 - edge.
+    first = starts + lookback + edge
+    counts = lengths - lookback - spec.horizon - 2 * edge
+    anchors = _concatenated_ranges(first, counts)
+    if slice_name == "high_energy":
+        threshold = train_energy_threshold(store, energy_percentile)
+        anchors = anchors[np.asarray(store.log_energy[anchors + spec.horizon]) > threshold]
+    return anchors
+
+
+def subsample_anchors(anchors: np.ndarray, max_windows: int | None, seed: int) -> np.ndarray:
+    """A uniform, seeded subset of at most ``max_windows`` anchors without replacement, ascending.
+
+    Sorting keeps the memmap reads roughly sequential; ``None`` (or enough room) returns ``anchors`` as is.
+    """
+    if max_windows is None or len(anchors) <= max_windows:
+        return anchors
+    if max_windows < 0:
+        raise ValueError(f"max_windows must be >= 0 or None, got {max_windows}")
+    chosen = np.random.default_rng(seed).choice(len(anchors), size=int(max_windows), replace=False)
+    return anchors[np.sort(chosen)]
+
+
+class WindowDataset(Dataset):
+    """Map-style dataset of windows over a store's memmap, one window per anchor.
+
+    Items (``__getitem__``) and batches (:meth:`get_batch`) hold, in the standardised space
+    ``(z - mean) / std`` (or raw when ``standardize=False``), as float32:
+
+    * ``context`` ``(W, D)``: frames ``t-(W-1)s .. t``, oldest first;
+    * ``target_delta`` ``(D,)``: ``z[t+k] - z[t]``;
+    * ``last`` ``(D,)``: ``z[t]``; ``target`` ``(D,)``: ``z[t+k]``;
+    * ``prev`` ``(D,)``: ``z[t-s]``, the frame one context step before ``t``, for linear extrapolation
+      ``(k/s)(z[t] - z[t-s])``. For ``W >= 2`` it is ``context[-2]``; for ``W = 1`` it is read from the
+      store, and at an utterance's first frame (no earlier frame) it is ``z[t]`` itself, i.e. zero velocity;
+    * ``anchor``: the anchor row (int; an int64 ``(B,)`` tensor in a batch).
+
+    Batches are stacked along a leading ``B`` axis. Pickling keeps the store's path, not its arrays, so
+    DataLoader workers reopen the memmap instead of receiving a copy of the store.
+    """
+
+    def __init__(
+        self, store: LatentStore | str | Path, anchors: np.ndarray, spec: WindowSpec, standardize: bool = True
+    ) -> None:
+        self.store = _open(store)
+        self.spec = spec
+        self.standardize = bool(standardize)
+        self.anchors = np.ascontiguousarray(anchors, dtype=np.int64)
+        if self.anchors.ndim != 1:
+            raise ValueError(f"anchors must be 1-D, got shape {self.anchors.shape}")
+        self._setup()
+        self._check_windows()
+
+    def _setup(self) -> None:
+        self._offsets = self.spec.context_offsets
+        self._utt_starts = np.fromiter(
+            (u.start for u in self.store.index), dtype=np.int64, count=len(self.store.index)
+        )
+        self._mean = torch.as_tensor(np.asarray(self.store.mean, dtype=np.float32))
+        self._std = torch.as_tensor(np.asarray(self.store.std, dtype=np.float32))
+
+    def _utterance_start_of(self, rows: np.ndarray) -> np.ndarray:
+        """Start row of the utterance holding each row."""
+        return self._utt_starts[np.searchsorted(self._utt_starts, rows, side="right") - 1]
+
+    def _check_windows(self) -> None:
+        if len(self.anchors) == 0:
+            return
+        a = self.anchors
+        lo, hi = a + self._offsets[0], a + self.spec.horizon
+        if lo.min() < 0 or hi.max() >= self.store.n_frames:
+            raise ValueError("anchors give windows outside the store's rows")
+        crossing = self._utterance_start_of(lo) != self._utterance_start_of(hi)
+        if crossing.any():
+            raise ValueError(f"{int(crossing.sum())} anchors give windows that cross an utterance boundary")
+
+    def __len__(self) -> int:
+        return len(self.anchors)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if k not in ("store", "_utt_starts", "_mean", "_std")}
+        state["store_root"] = str(self.store.root)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self.store = LatentStore(Path(state.pop("store_root")))
+        self.__dict__.update(state)
+        self._setup()
+
+    def _rows(self, rows: np.ndarray) -> torch.Tensor:
+        """Rows of the store as float32 ``(len(rows), D)``, standardised if configured.
+
+        One numpy fancy index gathers the float16 rows; torch converts and standardises them (numpy's
+        float16 -> float32 conversion is several times slower).
+        """
+        x = torch.from_numpy(np.asarray(self.store.latents[rows])).float()
+        if self.standardize:
+            x.sub_(self._mean).div_(self._std)
+        return x
+
+    def get_batch(self, indices: np.ndarray | list[int]) -> dict[str, torch.Tensor]:
+        """Windows ``indices`` (positions into :attr:`anchors`) stacked into a batch, with one store gather."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        a = self.anchors[idx]
+        n, w, dim = len(a), self.spec.context, self.store.dim
+        parts = [(a[:, None] + self._offsets).reshape(-1), a + self.spec.horizon]
+        if w == 1:
+            prev_rows = a - self.spec.context_stride
+            parts.append(np.where(prev_rows >= self._utterance_start_of(a), prev_rows, a))
+        x = self._rows(np.concatenate(parts))
+        context = x[: n * w].view(n, w, dim)
+        target = x[n * w : n * w + n]
+        prev = x[n * w + n :] if w == 1 else context[:, -2].contiguous()
+        last = context[:, -1].contiguous()
+        return {
+            "context": context,
+            "target_delta": target - last,
+            "last": last,
+            "target": target,
+            "prev": prev,
+            "anchor": torch.from_numpy(a),
+        }
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        batch = self.get_batch(np.array([i], dtype=np.int64))
+        item: dict[str, Any] = {k: v[0] for k, v in batch.items() if k != "anchor"}
+        item["anchor"] = int(batch["anchor"][0])
+        return item
+
+
+class WindowBatches(Dataset):
+    """Batch view of a :class:`WindowDataset` for ``DataLoader(batch_size=None, sampler=IndexBatchSampler(...))``.
+
+    ``__getitem__(indices)`` returns :meth:`WindowDataset.get_batch`, so each loader step is one gather.
+    """
+
+    def __init__(self, windows: WindowDataset) -> None:
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, indices: np.ndarray | list[int]) -> dict[str, torch.Tensor]:
+        return self.windows.get_batch(np.asarray(indices, dtype=np.int64))
+
+
+class IndexBatchSampler(Sampler[np.ndarray]):
+    """Batches of positions over ``range(n)`` as int64 arrays: a fresh permutation each epoch or in order.
+
+    Equivalent to ``BatchSampler(RandomSampler(...) | SequentialSampler(...), batch_size, drop_last=False)``
+    but yields numpy slices instead of lists of Python ints (no per-window Python work). Shuffling draws
+    ``torch.randperm(n, generator=generator)``, so a seeded generator makes the epoch sequence reproducible.
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None = None
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.n, self.batch_size, self.shuffle, self.generator = (
+            int(n),
+            int(batch_size),
+            bool(shuffle),
+            generator,
+        )
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=self.generator).numpy()
+        else:
+            order = np.arange(self.n, dtype=np.int64)
+        for lo in range(0, self.n, self.batch_size):
+            yield order[lo : lo + self.batch_size]
+
+
+def iter_batches(windows: WindowDataset, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The dataset's windows in order, ``batch_size`` at a time (the last batch may be smaller)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for lo in range(0, len(windows), batch_size):
+        yield windows.get_batch(np.arange(lo, min(lo + batch_size, len(windows)), dtype=np.int64))
+
+
+def _stage_splits(stage: str | None) -> tuple[str, ...]:
+    return {
+        "fit": ("train", "val"),
+        "validate": ("val",),
+        "test": ("test",),
+        "predict": ("test",),
+    }.get(stage or "", ("train", "val", "test"))
+
+
+def _build_datamodule_class() -> type:
+    import lightning.pytorch as pl
+
+    class LatentWindowDataModule(pl.LightningDataModule):
+        """Train/val/test window loaders over one latent store (see the module docstring).
+
+        Training batches come in a seeded random order (a ``torch.Generator`` seeded with ``seed``; each
+        epoch a new permutation, every window once per epoch, the last batch possibly smaller); val and
+        test are in anchor order, val capped at ``max_val_windows`` by a seeded subset. The slice applies
+        to every split. Each loader step is one memmap gather of a whole batch.
+
+        Single-process training only: a distributed sampler would replace the batch sampler.
+        """
+
+        def __init__(
+            self,
+            store_root: str | Path,
+            context: int,
+            horizon: int,
+            context_stride: int = 1,
+            slice_name: str = "all",
+            batch_size: int = 256,
+            num_workers: int = 0,
+            energy_percentile: float = 50.0,
+            edge_frames: int = 4,
+            seed: int = 0,
+            max_val_windows: int | None = 20000,
+            pin_memory: bool = False,
+        ) -> None:
+            super().__init__()
+            if slice_name not in SLICES:
+                raise ValueError(f"unknown slice {slice_name!r}; expected one of {SLICES}")
+            if batch_size < 1:
+                raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            self.save_hyperparameters()
+            self.store_root = Path(store_root)
+            self.spec = WindowSpec(context, horizon, context_stride)
+            self.slice_name = slice_name
+            self.batch_size = int(batch_size)
+            self.num_workers = int(num_workers)
+            self.energy_percentile = float(energy_percentile)
+            self.edge_frames = int(edge_frames)
+            self.seed = int(seed)
+            self.max_val_windows = max_val_windows
+            self.pin_memory = bool(pin_memory)
+            self.store: LatentStore | None = None
+            self.datasets: dict[str, WindowDataset] = {}
+            self._generator = torch.Generator().manual_seed(self.seed)
+
+        @property
+        def dim(self) -> int:
+            """Latent dimension D (opens the store if needed)."""
+            return self._store().dim
+
+        def _store(self) -> LatentStore:
+            if self.store is None:
+                self.store = LatentStore(self.store_root)
+            return self.store
+
+        def dataset(self, split: str) -> WindowDataset:
+            """The split's windows (built on first use)."""
+            if split not in self.datasets:
+                store = self._store()
+                anchors = window_anchors(
+                    store,
+                    split,
+                    self.spec,
+                    self.slice_name,
+                    energy_percentile=self.energy_percentile,
+                    edge_frames=self.edge_frames,
+                )
+                if split == "val":
+                    anchors = subsample_anchors(anchors, self.max_val_windows, self.seed)
+                self.datasets[split] = WindowDataset(store, anchors, self.spec)
+            return self.datasets[split]
+
+        def setup(self, stage: str | None = None) -> None:
+            for split in _stage_splits(stage):
+                if split in self._store().splits:
+                    self.dataset(split)
+
+        def _loader(self, windows: WindowDataset, shuffle: bool) -> DataLoader:
+            generator = self._generator if shuffle else None
+            return DataLoader(
+                WindowBatches(windows),
+                batch_size=None,
+                sampler=IndexBatchSampler(len(windows), self.batch_size, shuffle, generator),
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+                pin_memory=self.pin_memory,
+            )
+
+        def train_dataloader(self) -> DataLoader:
+            return self._loader(self.dataset("train"), shuffle=True)
+
+        def val_dataloader(self) -> DataLoader:
+            return self._loader(self.dataset("val"), shuffle=False)
+
+        def test_dataloader(self) -> DataLoader:
+            return self._loader(self.dataset("test"), shuffle=False)
+
+    LatentWindowDataModule.__module__ = __name__
+    LatentWindowDataModule.__qualname__ = "LatentWindowDataModule"
+    return LatentWindowDataModule
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LatentWindowDataModule":
+        cls = _build_datamodule_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

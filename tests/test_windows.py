@@ -1,0 +1,413 @@
+"""Training windows: anchors and slices against loop oracles, memmap-backed batches, the seeded datamodule."""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import latentdyn.data.windows as windows_module
+from latentdyn.data.latent_store import LatentStore, LatentStoreWriter
+from latentdyn.data.windows import (
+    SLICES,
+    IndexBatchSampler,
+    WindowBatches,
+    WindowDataset,
+    WindowSpec,
+    iter_batches,
+    subsample_anchors,
+    train_energy_threshold,
+    window_anchors,
+)
+
+META = {"representation": "fake", "sample_rate": 16000, "frame_rate": 50.0, "weights": {"source": "random"}}
+LENGTHS = {
+    "train": [1, 2, 3, 5, 8, 13, 21, 30, 40, 7],
+    "val": [1, 4, 9, 17, 25],
+    "test": [2, 6, 11, 19, 33, 3],
+}
+SPECS = [WindowSpec(1, 1), WindowSpec(3, 2), WindowSpec(4, 1, 2), WindowSpec(2, 3, 3)]
+
+
+def make_store(
+    root: Path,
+    lengths: dict[str, list[int]] = LENGTHS,
+    dim: int = 5,
+    seed: int = 0,
+    val_energy_shift: float = 0.0,
+) -> dict[int, dict]:
+    """Write a store with utterances of the given lengths, splits interleaved in row order.
+
+    Returns the written data keyed by start row: ``z`` (float16 as stored), ``energy``, ``split``, ``n``.
+    """
+    rng = np.random.default_rng(seed)
+    offsets, scales = rng.uniform(-20, 20, dim), rng.uniform(0.1, 4.0, dim)
+    order = [(s, i) for i in range(max(map(len, lengths.values()))) for s in lengths if i < len(lengths[s])]
+    written, row = {}, 0
+    with LatentStoreWriter(root, dim, META) as writer:
+        for split, i in order:
+            n = lengths[split][i]
+            z = (offsets + scales * rng.standard_normal((n, dim))).astype(np.float32)
+            energy = rng.uniform(-80, -10, n).astype(np.float32) + (
+                val_energy_shift if split == "val" else 0.0
+            )
+            writer.add(f"{split}-{i}", f"spk-{split}-{i % 2}", split, z, energy)
+            written[row] = dict(z=z.astype(np.float16), energy=energy, split=split, n=n)
+            row += n
+    return written
+
+
+def naive_anchors(store: LatentStore, split: str, spec: WindowSpec, edge: int = 0) -> np.ndarray:
+    """Loop oracle: anchors whose first context frame and target lie in the utterance, ``edge`` from its ends."""
+    out = []
+    for u in store.utterances(split):
+        for p in range(u.n_frames):
+            first, target = p - (spec.context - 1) * spec.context_stride, p + spec.horizon
+            if first >= edge and target <= u.n_frames - 1 - edge:
+                out.append(u.start + p)
+    return np.array(out, dtype=np.int64)
+
+
+@pytest.fixture(scope="module")
+def store_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[LatentStore, dict[int, dict]]:
+    root = tmp_path_factory.mktemp("store")
+    written = make_store(root, val_energy_shift=100.0)
+    return LatentStore(root), written
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_all_slice_matches_loop_oracle_and_closed_form(store_data, spec: WindowSpec, split: str) -> None:
+    store, _ = store_data
+    anchors = window_anchors(store, split, spec)
+    np.testing.assert_array_equal(anchors, naive_anchors(store, split, spec))
+    assert anchors.dtype == np.int64
+    starts = np.array([u.start for u in store.index])
+    for u in store.utterances(split):
+        inside = anchors[(anchors >= u.start) & (anchors < u.start + u.n_frames)]
+        assert len(inside) == max(u.n_frames - (spec.context - 1) * spec.context_stride - spec.horizon, 0)
+    # No window crosses an utterance boundary: its first context row and its target row share an utterance.
+    first = anchors - (spec.context - 1) * spec.context_stride
+    utt_of = lambda rows: np.searchsorted(starts, rows, side="right") - 1  # noqa: E731
+    np.testing.assert_array_equal(utt_of(first), utt_of(anchors + spec.horizon))
+
+
+def test_short_utterances_yield_no_windows(store_data) -> None:
+    store, _ = store_data
+    spec = WindowSpec(4, 2, 3)  # span 12 frames
+    anchors = window_anchors(store, "train", spec)
+    long_utts = [u for u in store.utterances("train") if u.n_frames >= spec.span]
+    assert len(anchors) == sum(u.n_frames - spec.span + 1 for u in long_utts)
+    for u in store.utterances("train"):
+        if u.n_frames < spec.span:
+            assert not ((anchors >= u.start) & (anchors < u.start + u.n_frames)).any()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("edge", [0, 1, 4])
+def test_utterance_medial_edge_rule(store_data, spec: WindowSpec, edge: int) -> None:
+    store, _ = store_data
+    for split in ("train", "test"):
+        anchors = window_anchors(store, split, spec, "utterance_medial", edge_frames=edge)
+        np.testing.assert_array_equal(anchors, naive_anchors(store, split, spec, edge))
+        for u in store.utterances(split):
+            inside = ((anchors >= u.start) & (anchors < u.start + u.n_frames)).sum()
+            lookback = (spec.context - 1) * spec.context_stride
+            assert inside == max(u.n_frames - lookback - spec.horizon - 2 * edge, 0)
+
+
+@pytest.mark.parametrize("percentile", [30.0, 50.0, 90.0])
+def test_high_energy_threshold_comes_from_train_only(store_data, percentile: float) -> None:
+    store, written = store_data
+    train_energy = np.concatenate([w["energy"] for w in written.values() if w["split"] == "train"])
+    threshold = np.percentile(train_energy, percentile)
+    assert train_energy_threshold(store, percentile) == pytest.approx(threshold, rel=0, abs=1e-9)
+    energy = np.concatenate([written[r]["energy"] for r in sorted(written)])
+    spec = WindowSpec(3, 2)
+    for split in ("train", "val", "test"):
+        full = naive_anchors(store, split, spec)
+        expected = full[energy[full + spec.horizon] > threshold]
+        np.testing.assert_array_equal(
+            window_anchors(store, split, spec, "high_energy", energy_percentile=percentile), expected
+        )
+    # val energies sit 100 dB above train's: with the train threshold every val window is "high energy"
+    # (a val-own percentile would drop a fraction of them).
+    val = window_anchors(store, "val", spec, "high_energy", energy_percentile=percentile)
+    np.testing.assert_array_equal(val, naive_anchors(store, "val", spec))
+    train = window_anchors(store, "train", spec, "high_energy", energy_percentile=percentile)
+    assert 0 < len(train) < len(naive_anchors(store, "train", spec))
+
+
+def test_anchor_arguments_are_validated(store_data) -> None:
+    store, _ = store_data
+    with pytest.raises(ValueError, match="slice"):
+        window_anchors(store, "train", WindowSpec(2, 1), "loud")
+    with pytest.raises(ValueError, match="split"):
+        window_anchors(store, "dev", WindowSpec(2, 1))
+    with pytest.raises(ValueError, match="percentile"):
+        window_anchors(store, "train", WindowSpec(2, 1), "high_energy", energy_percentile=120.0)
+    with pytest.raises(ValueError, match="edge_frames"):
+        window_anchors(store, "train", WindowSpec(2, 1), "utterance_medial", edge_frames=-1)
+    for bad in [(0, 1, 1), (2, 0, 1), (2, 1, 0), (2.5, 1, 1)]:
+        with pytest.raises(ValueError):
+            WindowSpec(*bad)
+
+
+def _oracle_window(
+    written: dict[int, dict], store: LatentStore, t: int, spec: WindowSpec
+) -> dict[str, np.ndarray]:
+    """Direct float64 computation of one window from the arrays that were written."""
+    start = max(r for r in written if r <= t)
+    z = (written[start]["z"].astype(np.float64) - store.mean.astype(np.float64)) / store.std.astype(
+        np.float64
+    )
+    p, s, k = t - start, spec.context_stride, spec.horizon
+    rows = [p - (spec.context - 1 - i) * s for i in range(spec.context)]
+    prev = z[p - s] if p - s >= 0 else z[p]
+    return dict(context=z[rows], target_delta=z[p + k] - z[p], last=z[p], target=z[p + k], prev=prev)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_items_equal_direct_computation(store_data, spec: WindowSpec) -> None:
+    store, written = store_data
+    anchors = window_anchors(store, "train", spec)
+    ds = WindowDataset(store, anchors, spec)
+    assert len(ds) == len(anchors)
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["anchor"] == anchors[i]
+        assert item["context"].shape == (spec.context, store.dim) and item["context"].dtype == torch.float32
+        for key, value in _oracle_window(written, store, int(anchors[i]), spec).items():
+            np.testing.assert_allclose(item[key].numpy(), value, rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+def test_unstandardized_items_are_the_stored_values(store_data) -> None:
+    store, written = store_data
+    spec = WindowSpec(2, 1)
+    ds = WindowDataset(store, window_anchors(store, "test", spec), spec, standardize=False)
+    for i in range(len(ds)):
+        t = int(ds.anchors[i])
+        start = max(r for r in written if r <= t)
+        z = written[start]["z"].astype(np.float32)
+        np.testing.assert_array_equal(ds[i]["context"].numpy(), z[t - start - 1 : t - start + 1])
+        np.testing.assert_array_equal(ds[i]["target"].numpy(), z[t - start + 1])
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_batched_gather_equals_items(store_data, spec: WindowSpec) -> None:
+    store, _ = store_data
+    ds = WindowDataset(store, window_anchors(store, "train", spec), spec)
+    idx = np.random.default_rng(1).permutation(len(ds))[:17]
+    batch = ds.get_batch(idx)
+    assert set(batch) == {"context", "target_delta", "last", "target", "prev", "anchor"}
+    assert batch["context"].shape == (len(idx), spec.context, store.dim)
+    for j, i in enumerate(idx):
+        item = ds[int(i)]
+        for key in ("context", "target_delta", "last", "target", "prev"):
+            assert torch.equal(batch[key][j], item[key]), key
+        assert int(batch["anchor"][j]) == item["anchor"]
+    sequential = list(iter_batches(ds, 6))
+    assert [len(b["anchor"]) for b in sequential][:-1] == [6] * (len(sequential) - 1)
+    np.testing.assert_array_equal(torch.cat([b["anchor"] for b in sequential]).numpy(), ds.anchors)
+    assert torch.equal(WindowBatches(ds)[list(idx)]["context"], batch["context"])
+
+
+def test_dataset_rejects_windows_crossing_utterances(store_data) -> None:
+    store, _ = store_data
+    spec = WindowSpec(3, 1)
+    u = next(u for u in store.utterances("train") if u.n_frames >= 5)
+    with pytest.raises(ValueError, match="cross"):
+        WindowDataset(store, np.array([u.start + 1]), spec)  # first context frame before the utterance
+    with pytest.raises(ValueError, match="cross"):
+        WindowDataset(store, np.array([u.start + u.n_frames - 1]), spec)  # target after it
+
+
+def test_dataset_keeps_the_memmap_and_pickles_without_the_data(tmp_path: Path) -> None:
+    make_store(tmp_path, {"train": [4000, 3000], "test": [50]}, dim=64)
+    store = LatentStore(tmp_path)
+    spec = WindowSpec(4, 1)
+    ds = WindowDataset(store, window_anchors(store, "train", spec), spec)
+    assert isinstance(ds.store.latents, np.memmap)
+    assert not any(isinstance(v, np.ndarray) and v.size >= store.latents.size for v in vars(ds).values())
+    blob = pickle.dumps(ds)
+    assert len(blob) < store.latents.nbytes / 4  # anchors (8 B/window) travel, latents (128 B/frame) do not
+    clone = pickle.loads(blob)
+    assert isinstance(clone.store.latents, np.memmap)
+    idx = np.arange(0, len(ds), 97)
+    for key, value in ds.get_batch(idx).items():
+        assert torch.equal(clone.get_batch(idx)[key], value)
+
+
+def test_subsample_is_seeded_sorted_and_without_replacement() -> None:
+    anchors = np.arange(100, 1100, dtype=np.int64) * 3
+    a = subsample_anchors(anchors, 50, seed=7)
+    assert len(a) == 50 and len(np.unique(a)) == 50 and np.all(np.diff(a) > 0) and np.isin(a, anchors).all()
+    np.testing.assert_array_equal(a, subsample_anchors(anchors, 50, seed=7))
+    assert not np.array_equal(a, subsample_anchors(anchors, 50, seed=8))
+    assert subsample_anchors(anchors, None, 0) is anchors and subsample_anchors(anchors, 5000, 0) is anchors
+
+
+def test_index_batch_sampler_partitions_each_epoch() -> None:
+    ordered = list(IndexBatchSampler(23, 5, shuffle=False))
+    assert len(IndexBatchSampler(23, 5, shuffle=False)) == len(ordered) == 5
+    np.testing.assert_array_equal(np.concatenate(ordered), np.arange(23))
+    assert [len(b) for b in ordered] == [5, 5, 5, 5, 3] and all(b.dtype == np.int64 for b in ordered)
+    sampler = IndexBatchSampler(23, 5, shuffle=True, generator=torch.Generator().manual_seed(0))
+    first, second = np.concatenate(list(sampler)), np.concatenate(list(sampler))
+    np.testing.assert_array_equal(np.sort(first), np.arange(23))
+    np.testing.assert_array_equal(np.sort(second), np.arange(23))
+    assert not np.array_equal(first, second)
+    replay = IndexBatchSampler(23, 5, shuffle=True, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(np.concatenate(list(replay)), first)
+    with pytest.raises(ValueError):
+        IndexBatchSampler(3, 0, shuffle=False)
+
+
+def test_importing_the_dataset_does_not_import_lightning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh copy of the module executes with lightning unimportable; only the datamodule needs it."""
+
+    class BlockLightning(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] in ("lightning", "pytorch_lightning", "lightning_fabric"):
+                raise ImportError(f"blocked {name}")
+            return None
+
+    for name in [
+        n for n in sys.modules if n.split(".")[0] in ("lightning", "pytorch_lightning", "lightning_fabric")
+    ]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [BlockLightning(), *sys.meta_path])
+    spec = importlib.util.spec_from_file_location("latentdyn_windows_fresh", windows_module.__file__)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    assert module.WindowDataset is not None and module.WindowSpec(2, 1).span == 3
+    with pytest.raises(ImportError, match="blocked lightning"):
+        module.LatentWindowDataModule  # noqa: B018
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The datamodule (imports lightning)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _epoch_anchors(loader) -> list[np.ndarray]:
+    return [b["anchor"].numpy().copy() for b in loader]
+
+
+def _datamodule(root: Path, **kwargs):
+    from latentdyn.data.windows import LatentWindowDataModule
+
+    dm = LatentWindowDataModule(root, **{"context": 3, "horizon": 2, "batch_size": 7, **kwargs})
+    dm.setup("fit")
+    return dm
+
+
+def test_train_loader_is_seeded_and_covers_each_window_once_per_epoch(store_data) -> None:
+    store, _ = store_data
+    dm = _datamodule(store.root, seed=3)
+    expected = window_anchors(store, "train", WindowSpec(3, 2))
+    loader = dm.train_dataloader()
+    epochs = [_epoch_anchors(loader), _epoch_anchors(loader)]
+    for batches in epochs:
+        assert [len(b) for b in batches[:-1]] == [7] * (len(batches) - 1) and 1 <= len(batches[-1]) <= 7
+        np.testing.assert_array_equal(np.sort(np.concatenate(batches)), expected)
+    assert not np.array_equal(np.concatenate(epochs[0]), np.concatenate(epochs[1]))  # reshuffled
+    assert not np.array_equal(np.concatenate(epochs[0]), expected)  # shuffled at all
+    again = _datamodule(store.root, seed=3).train_dataloader()
+    for batches in epochs:
+        np.testing.assert_array_equal(np.concatenate(_epoch_anchors(again)), np.concatenate(batches))
+    other = _datamodule(store.root, seed=4).train_dataloader()
+    assert not np.array_equal(np.concatenate(_epoch_anchors(other)), np.concatenate(epochs[0]))
+    # batch content is the dataset's gather of those anchors; the dataset reads the memmap
+    ds = dm.dataset("train")
+    assert isinstance(ds.store.latents, np.memmap)
+    batch = next(iter(dm.train_dataloader()))
+    direct = ds.get_batch(np.searchsorted(ds.anchors, batch["anchor"].numpy()))
+    for key, value in direct.items():
+        assert torch.equal(batch[key], value), key
+
+
+def test_workers_give_the_same_batches(store_data) -> None:
+    store, _ = store_data
+    serial = np.concatenate(_epoch_anchors(_datamodule(store.root, seed=5).train_dataloader()))
+    parallel = np.concatenate(
+        _epoch_anchors(_datamodule(store.root, seed=5, num_workers=2).train_dataloader())
+    )
+    np.testing.assert_array_equal(parallel, serial)
+
+
+@pytest.mark.parametrize("slice_name", SLICES)
+def test_val_and_test_loaders_are_ordered_and_val_is_capped(store_data, slice_name: str) -> None:
+    store, _ = store_data
+    spec = WindowSpec(3, 2)
+    kwargs = dict(energy_percentile=40.0, edge_frames=2)
+    full_val = window_anchors(store, "val", spec, slice_name, **kwargs)
+    dm = _datamodule(store.root, slice_name=slice_name, max_val_windows=5, seed=1, **kwargs)
+    val = np.concatenate(_epoch_anchors(dm.val_dataloader()))
+    assert len(val) == min(5, len(full_val)) and np.isin(val, full_val).all() and np.all(np.diff(val) > 0)
+    np.testing.assert_array_equal(val, np.concatenate(_epoch_anchors(dm.val_dataloader())))
+    dm.setup("test")
+    np.testing.assert_array_equal(
+        np.concatenate(_epoch_anchors(dm.test_dataloader())),
+        window_anchors(store, "test", spec, slice_name, **kwargs),
+    )
+    train = np.sort(np.concatenate(_epoch_anchors(dm.train_dataloader())))
+    np.testing.assert_array_equal(train, window_anchors(store, "train", spec, slice_name, **kwargs))
+    assert dm.dim == store.dim
+
+
+def test_datamodule_rejects_an_unknown_slice(store_data) -> None:
+    from latentdyn.data.windows import LatentWindowDataModule
+
+    with pytest.raises(ValueError, match="slice"):
+        LatentWindowDataModule(store_data[0].root, 2, 1, slice_name="quiet")
+
+
+def test_lightning_trainer_consumes_the_loaders(store_data) -> None:
+    """A Trainer keeps the batch sampler: each training epoch sees every window once, validation runs."""
+    import lightning.pytorch as pl
+
+    store, _ = store_data
+
+    class Probe(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(3 * store.dim, store.dim)
+            self.seen: list[np.ndarray] = []
+            self.val_windows = 0
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(batch["anchor"].numpy().copy())
+            return (self.net(batch["context"].flatten(1)) - batch["target_delta"]).square().mean()
+
+        def validation_step(self, batch, batch_idx) -> None:
+            self.val_windows += len(batch["anchor"])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    dm = _datamodule(store.root, max_val_windows=4)
+    probe = Probe()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(probe, datamodule=dm)
+    expected = window_anchors(store, "train", WindowSpec(3, 2))
+    seen = np.concatenate(probe.seen)
+    assert len(seen) == 2 * len(expected)
+    for epoch in (seen[: len(expected)], seen[len(expected) :]):
+        np.testing.assert_array_equal(np.sort(epoch), expected)
+    assert probe.val_windows == 2 * 4
