@@ -20,9 +20,12 @@ from latentdyn.tracking.run import tracked_run
 log = logging.getLogger(__name__)
 
 
-def sub_config(parent: DictConfig, experiment: str, tier: str, **values: Any) -> DictConfig:
-    """The parent's config for a sub-run of ``experiment``: its own name, tier and run dir, plus ``values``."""
-    cfg = OmegaConf.create(plain(parent))
+def sub_config(
+    parent: DictConfig, experiment: str, tier: str, base: DictConfig | None = None, **values: Any
+) -> DictConfig:
+    """Config of a sub-run of ``experiment``: ``base`` (its own composed config) or else the parent's, with its
+    own name, tier, run id and run dir inside the parent's, plus ``values``."""
+    cfg = OmegaConf.create(plain(base if base is not None else parent))
     with open_dict(cfg):
         cfg.name = experiment
         cfg.tier = tier
@@ -38,10 +41,11 @@ def run_sub_experiment(
     experiment: str,
     pipeline: Callable[[DictConfig], Mapping[str, Any]],
     tier: str = "tier1",
+    base: DictConfig | None = None,
     **values: Any,
 ) -> tuple[DictConfig, dict[str, Any]]:
     """Run ``pipeline`` as a tracked sub-run; returns its config and key metrics (exceptions propagate)."""
-    cfg = sub_config(parent, experiment, tier, **values)
+    cfg = sub_config(parent, experiment, tier, base, **values)
     log.info("sub-run %s -> %s", cfg.run_id, cfg.run_dir)
     with tracked_run(
         run_dir=Path(cfg.run_dir),
@@ -54,3 +58,36 @@ def run_sub_experiment(
     ) as run:
         run.result = dict(pipeline(cfg))
     return cfg, dict(run.result)
+
+
+def compose_experiment(experiment: str, overrides: list[str]) -> DictConfig:
+    """Compose ``experiment=<experiment>`` with ``overrides`` from the app's config tree, as the CLI would."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from latentdyn.config import conf_dir
+
+    all_overrides = [f"experiment={experiment}", *overrides]
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="config", overrides=all_overrides)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=all_overrides)
+
+
+def inherited_overrides(parent: DictConfig, own_keys: tuple[str, ...]) -> list[str]:
+    """Command-line overrides a sub-experiment inherits from its parent job: the parent's own overrides (when
+    run by the CLI) minus the parent-only keys, plus where outputs and caches go and the seed."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides: list[str] = []
+    if HydraConfig.initialized():
+        for item in HydraConfig.get().overrides.task:
+            key = item.split("=", 1)[0].lstrip("+~")
+            if key not in own_keys and key.split(".")[0] not in own_keys:
+                overrides.append(item)
+    overrides += [
+        f"paths.root_dir={parent.paths.root_dir}",
+        f"paths.cache_dir={parent.paths.cache_dir}",
+        f"seed={parent.seed}",
+    ]
+    return overrides

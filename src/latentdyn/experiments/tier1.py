@@ -1,0 +1,72 @@
+"""Tier 1 in one command: Exp 1 -> Exp 2 (on Exp 1's checkpoint) -> Exp 3, as tracked sub-runs of one run id.
+
+Each sub-experiment's config is composed from its own experiment file (``exp1_config``, ``exp2_config``,
+``exp3_config``) with the command line's other overrides. With ``resume=true`` a sub-run whose
+``completed`` line is in the manifest is skipped; crashed or failed ones run again.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import get_method
+from omegaconf import DictConfig
+
+from latentdyn.experiments.composite import compose_experiment, inherited_overrides, run_sub_experiment
+from latentdyn.tracking.manifest import iter_records
+from latentdyn.tracking.results import summarize_runs
+
+log = logging.getLogger(__name__)
+
+# Keys that belong to the tier1 job itself and are not passed on to its sub-experiments.
+OWN_KEYS = (
+    "experiment",
+    "run_id",
+    "resume",
+    "exp1_config",
+    "exp2_config",
+    "exp3_config",
+    "exp2_horizon_k",
+    "name",
+    "tier",
+    "pipeline",
+)
+
+
+def completed_run_ids(manifest: Path) -> set[str]:
+    """Run ids whose latest attempt completed."""
+    return {r.run_id for r in summarize_runs(iter_records(manifest)) if r.status == "completed"}
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    overrides = inherited_overrides(cfg, OWN_KEYS)
+    done = completed_run_ids(Path(cfg.paths.manifest)) if cfg.resume else set()
+    key: dict[str, float] = {}
+
+    def step(config_name: str, **values: Any) -> tuple[Path, dict[str, Any]]:
+        sub = compose_experiment(config_name, overrides)
+        run_id = f"{cfg.run_id}/{sub.name}"
+        run_dir = Path(cfg.run_dir) / str(sub.name)
+        if run_id in done:
+            log.info("resume: sub-run %s already completed, skipped", run_id)
+            return run_dir, {}
+        _, metrics = run_sub_experiment(
+            cfg, str(sub.name), get_method(sub.pipeline), tier=str(sub.tier), base=sub, **values
+        )
+        return run_dir, metrics
+
+    exp1_dir, m1 = step(str(cfg.exp1_config))
+    pattern = f"*_k{cfg.exp2_horizon_k}_final.ckpt"
+    checkpoints = sorted((exp1_dir / "checkpoints").glob(pattern))
+    if len(checkpoints) != 1:
+        raise FileNotFoundError(
+            f"tier1: expected one Exp 1 checkpoint {pattern} in {exp1_dir / 'checkpoints'} for exp2_horizon_k="
+            f"{cfg.exp2_horizon_k}, found {[p.name for p in checkpoints]} (is k={cfg.exp2_horizon_k} in horizons?)"
+        )
+    _, m2 = step(str(cfg.exp2_config), checkpoint=str(checkpoints[0]), horizon_k=int(cfg.exp2_horizon_k))
+    _, m3 = step(str(cfg.exp3_config))
+    for prefix, metrics in (("exp1", m1), ("exp2", m2), ("exp3", m3)):
+        key.update({f"{prefix}/{k}": v for k, v in metrics.items() if k.endswith(("nll_per_dim", "auc_mse"))})
+    return key
