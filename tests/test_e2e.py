@@ -42,3 +42,30 @@ def test_exp2_checkpoint_latest_after_exp1_cli(tmp_path: Path) -> None:
         "checkpoints/vmf_k1_final.ckpt"
         in (tmp_path / "outputs" / "tier1" / "exp2_injection" / "e2" / "run.log").read_text()
     )
+
+
+def _started(root: Path, run_id: str) -> int:
+    return sum(1 for r in manifest_lines(root) if r["run_id"] == run_id and r["status"] == "started")
+
+
+def test_tier1_runs_three_sub_runs_and_resume_reruns_only_failed_ones(tmp_path: Path) -> None:
+    common = ["experiment=tier1", "debug=smoke", "run_id=T", "horizons=[1]"]
+    subs = ("T/exp1_vmf", "T/exp2_injection", "T/exp3_rep_compare")
+    # exp3 fails (an unknown representation): exp1 and exp2 complete.
+    failed = run_cli([*common, "representations=[no_such_rep]"], tmp_path, check=False)
+    assert failed.returncode != 0
+    status = {r["run_id"]: r["status"] for r in manifest_lines(tmp_path)}
+    assert [status[s] for s in subs] == ["completed", "completed", "failed"]
+
+    # resume: only the failed sub-run starts again.
+    run_cli([*common, "representations=[mel]", "resume=true"], tmp_path)
+    assert [_started(tmp_path, s) for s in subs] == [1, 1, 2]
+    sub_dir = tmp_path / "outputs" / "tier1" / "tier1" / "T"
+    for sub in ("exp1_vmf", "exp2_injection", "exp3_rep_compare"):
+        info = json.loads((sub_dir / sub / "run_info.json").read_text())
+        assert info["status"] == "completed" and info["parent_run_id"] == "T"
+    assert (sub_dir / "exp3_rep_compare" / "summary.csv").is_file()
+
+    # resume again: nothing starts.
+    run_cli([*common, "representations=[mel]", "resume=true"], tmp_path)
+    assert [_started(tmp_path, s) for s in subs] == [1, 1, 2]

@@ -74,6 +74,12 @@ def compose_experiment(experiment: str, overrides: list[str]) -> DictConfig:
         return compose(config_name="config", overrides=all_overrides)
 
 
+def _is_config_group(key: str) -> bool:
+    from latentdyn.config import conf_dir
+
+    return (conf_dir() / key.split("@")[0]).is_dir()
+
+
 def inherited_overrides(parent: DictConfig, own_keys: tuple[str, ...]) -> list[str]:
     """Command-line overrides a sub-experiment inherits from its parent job: the parent's own overrides (when
     run by the CLI) minus the parent-only keys, plus where outputs and caches go and the seed."""
@@ -83,8 +89,10 @@ def inherited_overrides(parent: DictConfig, own_keys: tuple[str, ...]) -> list[s
     if HydraConfig.initialized():
         for item in HydraConfig.get().overrides.task:
             key = item.split("=", 1)[0].lstrip("+~")
-            if key not in own_keys and key.split(".")[0] not in own_keys:
-                overrides.append(item)
+            if key in own_keys or key.split(".")[0] in own_keys:
+                continue
+            # A value one sub-experiment lacks (exp3's `representations` in exp1) is added there, not an error.
+            overrides.append(item if _is_config_group(key) or item.startswith(("+", "~")) else f"++{item}")
     overrides += [
         f"paths.root_dir={parent.paths.root_dir}",
         f"paths.cache_dir={parent.paths.cache_dir}",
