@@ -69,3 +69,20 @@ def test_tier1_runs_three_sub_runs_and_resume_reruns_only_failed_ones(tmp_path: 
     # resume again: nothing starts.
     run_cli([*common, "representations=[mel]", "resume=true"], tmp_path)
     assert [_started(tmp_path, s) for s in subs] == [1, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("logger", "artifact"),
+    [("wandb", "wandb/offline-run-*/*.wandb"), ("tensorboard", "tensorboard/events.*")],
+)
+def test_training_loggers_write_into_the_run_dir(
+    tmp_path: Path, monkeypatch, logger: str, artifact: str
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_cli(
+        ["experiment=exp1_vmf", "debug=smoke", "horizons=[1,2]", f"logger={logger}", "run_id=L"], tmp_path
+    )
+    run_dir = tmp_path / "outputs" / "tier1" / "exp1_vmf" / "L"
+    found = list(run_dir.glob(artifact))
+    # One logger per job: every training stage of the job writes into the same place.
+    assert found and len({p.parent for p in found}) == 1, f"expected {artifact} in one directory of {run_dir}: {found}"

@@ -74,6 +74,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
                     continue
                 prefix = f"k{k}/" if row["predictor"] == "model" else f"k{k}/{row['predictor']}_"
                 key.update({prefix + m: float(row[m]) for m in KEY_METRICS if math.isfinite(row[m])})
+        if logger is not None:
+            logger.log_metrics({f"battery/{name}": value for name, value in key.items()})
     write_battery_table(rows, run_dir)
     write_json(run_dir / METRICS_NAME, {"key_metrics": key, **details})
     log.info("battery table: %s", run_dir / "tables.csv")
