@@ -34,8 +34,16 @@ KEY_SUMMARIES = ("auc_mse", "mse_at_H", "nll_mean", "divergence_step", "manifold
 
 
 def store_of_checkpoint(cfg: DictConfig, run_config: dict[str, Any]) -> LatentStore:
-    """The latent store a checkpoint was trained on: this run's config with the checkpoint's data and
-    representation (built or reused as a cached artifact)."""
+    """The latent store a checkpoint was trained on: a derived store it names (Exp 4's projections), or this
+    run's config with the checkpoint's data and representation (built or reused as a cached artifact)."""
+    derived = (run_config.get("variant") or {}).get("latent_store")
+    if derived:
+        if not Path(derived).is_dir():
+            raise FileNotFoundError(
+                f"the checkpoint was trained on the derived latent store {derived}, which no longer exists; "
+                "re-run the experiment that produced it (e.g. exp4_linear_readout) to rebuild it"
+            )
+        return LatentStore(Path(derived))
     store_cfg = cfg.copy()
     with open_dict(store_cfg):
         for key in ("data", "representation"):
