@@ -132,3 +132,17 @@ def test_bad_files_raise_naming_the_file(tmp_path: Path, make, reason: str) -> N
 def test_directory_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(BadAudioError, match="not a regular file"):
         load_audio(tmp_path, 16000)
+
+
+def test_resample_padding_to_whole_seconds_does_not_change_the_output() -> None:
+    import torchaudio.functional as AF
+
+    from latentdyn.data.audio import _RESAMPLE_KW
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 999, 16000, 16001, 31234):
+        x = torch.randn(n, generator=g)
+        direct = AF.resample(x, 16000, 24000, **_RESAMPLE_KW)
+        ours = resample(x, 16000, 24000)
+        assert ours.shape == direct.shape
+        torch.testing.assert_close(ours, direct, atol=2e-6, rtol=0)

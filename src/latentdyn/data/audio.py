@@ -6,6 +6,8 @@ the caller (which owns the skip-or-fail policy) can report it; nothing unusable 
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +54,13 @@ def resample(wave: torch.Tensor, orig_sr: int, target_sr: int) -> torch.Tensor:
         raise ValueError(f"sample rates must be positive, got {orig_sr} -> {target_sr}")
     if orig_sr == target_sr:
         return wave
-    return AF.resample(wave, int(orig_sr), int(target_sr), **_RESAMPLE_KW)
+    # Resampling is a strided conv1d whose backend caches a plan per input length: a corpus of distinct
+    # lengths would fill that cache (~170 kB a plan). Zero-padding to whole seconds bounds the number of
+    # shapes; the kernel already treats samples past the end as zeros, so the cropped output is identical.
+    n = wave.shape[-1]
+    padded = torch.nn.functional.pad(wave, (0, (-n) % int(orig_sr)))
+    out = AF.resample(padded, int(orig_sr), int(target_sr), **_RESAMPLE_KW)
+    return out[..., : math.ceil(n * target_sr / orig_sr)]
 
 
 def _read(path: Path) -> tuple[np.ndarray, int]:
