@@ -1,0 +1,328 @@
+"""Latent trajectories -> listening files: decode, resample, write WAVs, score them (DESIGN §9, "Audio").
+
+Conventions shared by the perceptual experiments (Exp 3B, Exp 7):
+
+* Latents are handled as ``(T, D)`` frames (the latent store's layout) and decoded in batches ``(B, T, D)``
+  with the representation the store was encoded with (:func:`representation_from_store`), which returns
+  ``T * hop`` samples per trajectory at ``rep.sample_rate`` (``hop = sample_rate / frame_rate``).
+* Edits and rollouts happen in the store's train-standardised space (the space the dynamics models live
+  in); :func:`destandardize` maps them back to raw latents for decoding.
+* A decoded edit or rollout is scored against ``decode(z_true)``, never against the original waveform, so
+  the codec's own loss is not counted twice; ``decode(z_true)`` against the original audio is scored once
+  per utterance as the codec's reconstruction ceiling (:func:`reconstruction_ceiling`).
+* Distances are computed on the decoded signals as they are. WAVs are written as 32-bit float (no
+  quantisation, no dither); a signal whose peak exceeds full scale (an edit far off the manifold can
+  decode to a blast of e.g. 60 dB over full scale) is scaled down to peak 1 for safe listening and the
+  gain is recorded, so a file holds the scored samples times ``gain`` (Exp 7's 48 kHz files: resampled).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+from hydra.utils import instantiate
+
+from latentdyn.data.audio import BadAudioError, load_audio, resample
+from latentdyn.data.latent_store import LatentStore, StoreUtterance
+from latentdyn.diagnostics.audio_metrics import AUDIO_METRIC_KEYS, MRSTFT_FFT_SIZES, audio_distances, si_sdr
+from latentdyn.representations.base import Representation
+from latentdyn.representations.mel import hop_length
+
+__all__ = [
+    "MIN_SPECTRAL_SAMPLES",
+    "WAV_SUBTYPE",
+    "choose_utterances",
+    "crop_frames",
+    "decode_latents",
+    "destandardize",
+    "flat_metrics",
+    "json_distances",
+    "load_original",
+    "max_frames",
+    "mean_distances",
+    "objective_distances",
+    "raw_from_edit",
+    "reconstruction_ceiling",
+    "relative",
+    "representation_from_store",
+    "resample_waves",
+    "safe_name",
+    "samples_per_frame",
+    "write_wav",
+]
+
+log = logging.getLogger(__name__)
+
+#: soundfile subtype of every WAV written here: float32 keeps peaks above full scale instead of clipping.
+WAV_SUBTYPE = "FLOAT"
+#: Shortest signal (samples) the spectral distances accept: more than half the largest MR-STFT FFT size.
+MIN_SPECTRAL_SAMPLES = max(MRSTFT_FFT_SIZES) // 2 + 1
+#: Provenance keys that must agree between a store's encoder and the decoder built for it.
+_WEIGHT_KEYS = ("source", "pretrained", "sha256", "seed")
+
+
+def samples_per_frame(sample_rate: int, frame_rate: float) -> int:
+    """Audio samples per latent frame (``sample_rate / frame_rate``, a whole number or ValueError)."""
+    return hop_length(int(sample_rate), float(frame_rate))
+
+
+def representation_from_store(store: LatentStore, device: torch.device | str = "cpu") -> Representation:
+    """The representation a store was encoded with, rebuilt from ``meta.extra.representation_config``.
+
+    Raises ValueError when the store lacks that config, when the rebuilt representation's rates or dim
+    differ from the store's, or when its weights provenance (source, pretrained flag, sha256, seed)
+    differs from the one recorded at encoding time: decoding with other weights would be meaningless.
+    """
+    config = store.meta.get("extra", {}).get("representation_config")
+    if not config or "_target_" not in config:
+        raise ValueError(
+            f"latent store {store.root} has no extra.representation_config; it cannot be decoded "
+            "(stores built by latentdyn.experiments.phase0 record it)"
+        )
+    rep = instantiate(config)
+    mismatched = [
+        (name, ours, theirs)
+        for name, ours, theirs in (
+            ("sample_rate", int(rep.sample_rate), int(store.meta["sample_rate"])),
+            ("frame_rate", float(rep.frame_rate), float(store.meta["frame_rate"])),
+            ("dim", int(rep.dim), int(store.dim)),
+        )
+        if ours != theirs
+    ]
+    stored = store.meta.get("weights", {})
+    mismatched += [
+        (f"weights.{key}", rep.weights[key], stored[key])
+        for key in _WEIGHT_KEYS
+        if key in rep.weights and key in stored and rep.weights[key] != stored[key]
+    ]
+    if mismatched:
+        detail = ", ".join(
+            f"{name}: decoder {ours!r} vs store {theirs!r}" for name, ours, theirs in mismatched
+        )
+        raise ValueError(f"decoder rebuilt for {store.root} does not match the store's encoder ({detail})")
+    return rep.to(device)
+
+
+def destandardize(store: LatentStore, z: torch.Tensor) -> torch.Tensor:
+    """``(…, D)`` latents in the store's standardised space -> raw latents (``z * std + mean``), float32."""
+    mean = torch.from_numpy(store.mean).to(z.device)
+    std = torch.from_numpy(store.std).to(z.device)
+    return z.to(torch.float32) * std + mean
+
+
+def raw_from_edit(
+    store: LatentStore, raw: torch.Tensor, z: torch.Tensor, z_edit: torch.Tensor
+) -> torch.Tensor:
+    """Raw latents of a standardised edit ``z -> z_edit`` of the raw trajectory ``raw`` (all ``(…, D)``).
+
+    ``raw + (z_edit - z) * std``: equal to ``destandardize(z_edit)`` in exact arithmetic, but bit-exact
+    ``raw`` wherever the edit leaves a frame unchanged. That matters: a standardise/destandardise round
+    trip moves latents by ~1e-6, and some decoders (Griffin–Lim's phase iteration) turn that into an
+    audible and measurable difference (MR-STFT ~0.5 on log-mel latents), which would be charged to the edit.
+    """
+    std = torch.from_numpy(store.std).to(raw.device)
+    return raw.to(torch.float32) + (z_edit.to(torch.float32) - z.to(torch.float32)) * std
+
+
+def max_frames(max_seconds: float | None, frame_rate: float) -> int | None:
+    """Frames in ``max_seconds`` of audio, ``floor(max_seconds * frame_rate)`` (at least 1); None for None.
+
+    ValueError for a non-positive ``max_seconds``.
+    """
+    if max_seconds is None:
+        return None
+    if not max_seconds > 0:
+        raise ValueError(f"max_seconds must be > 0 or null, got {max_seconds}")
+    return max(1, math.floor(float(max_seconds) * frame_rate + 1e-9))
+
+
+def crop_frames(n_frames: int, max_seconds: float | None, frame_rate: float) -> int:
+    """Frames kept of an ``n_frames`` utterance cropped to its first ``max_seconds`` (None: all of them)."""
+    limit = max_frames(max_seconds, frame_rate)
+    return int(n_frames) if limit is None else min(int(n_frames), limit)
+
+
+def choose_utterances(
+    store: LatentStore, split: str, n: int, seed: int, min_frames: int = 1
+) -> list[StoreUtterance]:
+    """Up to ``n`` utterances of ``split`` with at least ``min_frames`` frames, a seeded choice in row order.
+
+    Drawn without replacement with ``numpy.random.default_rng(seed)``; when fewer qualify, all of them are
+    taken (with a warning). ValueError when none qualifies or ``n < 1``.
+    """
+    if n < 1:
+        raise ValueError(f"n_utterances must be >= 1, got {n}")
+    candidates = [u for u in store.utterances(split) if u.n_frames >= min_frames]
+    if not candidates:
+        longest = max((u.n_frames for u in store.utterances(split)), default=0)
+        raise ValueError(
+            f"no utterance of split {split!r} in {store.root} has >= {min_frames} frames (longest: {longest})"
+        )
+    if len(candidates) < n:
+        log.warning("split %r has only %d eligible utterances (asked for %d)", split, len(candidates), n)
+        return candidates
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(len(candidates), size=n, replace=False))
+    return [candidates[i] for i in chosen.tolist()]
+
+
+def safe_name(name: str) -> str:
+    """``name`` with every character outside ``[A-Za-z0-9._-]`` replaced by ``_`` (for file and dir names)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    return cleaned if cleaned.strip(".") else "_"
+
+
+@torch.no_grad()
+def decode_latents(rep: Representation, latents: torch.Tensor) -> torch.Tensor:
+    """Raw latents ``(B, T, D)`` -> ``(B, T * hop)`` float32 CPU audio at ``rep.sample_rate``.
+
+    ValueError on a wrong shape, and when the decoder returns a length other than ``T * hop`` or
+    non-finite samples (a trajectory far off the manifold can overflow a decoder).
+    """
+    if latents.dim() != 3 or latents.shape[-1] != rep.dim:
+        raise ValueError(f"latents must be (B, T, {rep.dim}), got {tuple(latents.shape)}")
+    hop = samples_per_frame(rep.sample_rate, rep.frame_rate)
+    wave = rep.decode(latents.transpose(1, 2).contiguous().to(torch.float32))
+    wave = wave.reshape(latents.shape[0], -1).to(device="cpu", dtype=torch.float32)
+    expected = latents.shape[1] * hop
+    if wave.shape[-1] != expected:
+        raise ValueError(
+            f"decoder returned {wave.shape[-1]} samples for {latents.shape[1]} frames, not {expected}"
+        )
+    if not torch.isfinite(wave).all():
+        raise ValueError("decoder returned non-finite samples")
+    return wave
+
+
+def load_original(path: str | Path, sample_rate: int, n_samples: int) -> torch.Tensor | None:
+    """The original audio at ``sample_rate`` cropped to its first ``n_samples`` samples ``(S,)``.
+
+    None (with a warning) when the file cannot be used any more (moved, corrupt): the ceiling is then
+    reported as missing rather than failing a listening run.
+    """
+    try:
+        wave = load_audio(path, sample_rate)
+    except BadAudioError as err:
+        log.warning("original audio unavailable, no reconstruction ceiling: %s", err)
+        return None
+    return wave[:n_samples]
+
+
+def write_wav(
+    path: Path, wave: torch.Tensor | np.ndarray, sample_rate: int, peak_limit: float = 1.0
+) -> dict[str, Any]:
+    """Write mono ``(S,)`` audio as a float32 WAV, scaled down to ``peak_limit`` if its peak is above it.
+
+    Returns ``{sample_rate, n_samples, duration_s, gain}`` (``gain`` = 1 unless the signal was scaled).
+    """
+    data = wave.detach().cpu().numpy() if isinstance(wave, torch.Tensor) else np.asarray(wave)
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    if data.ndim != 1:
+        raise ValueError(f"expected mono audio (S,), got shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise ValueError(f"{path}: audio has non-finite samples")
+    peak = float(np.max(np.abs(data))) if data.size else 0.0
+    gain = peak_limit / peak if peak > peak_limit else 1.0
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, data * np.float32(gain) if gain != 1.0 else data, int(sample_rate), subtype=WAV_SUBTYPE)
+    return {
+        "sample_rate": int(sample_rate),
+        "n_samples": int(data.size),
+        "duration_s": data.size / sample_rate,
+        "gain": gain,
+    }
+
+
+def objective_distances(
+    reference: torch.Tensor | np.ndarray,
+    estimate: torch.Tensor | np.ndarray,
+    sample_rate: int,
+    *,
+    with_stoi: bool = True,
+    with_pesq: bool = True,
+    length_atol: int = 0,
+) -> dict[str, float | None]:
+    """:func:`~latentdyn.diagnostics.audio_metrics.audio_distances` of a pair, defined for any length.
+
+    Signals shorter than :data:`MIN_SPECTRAL_SAMPLES` (1025 samples, 43 ms at 24 kHz: one EnCodec frame is
+    320) are too short for the spectral distances, STOI and PESQ; they get SI-SDR only and ``None`` for the
+    rest. An empty span (Exp 7 at L = 0) gets ``None`` everywhere.
+    """
+    n = min(len(reference), len(estimate))
+    if n == 0:
+        return dict.fromkeys(AUDIO_METRIC_KEYS)
+    if n < MIN_SPECTRAL_SAMPLES:
+        out: dict[str, float | None] = dict.fromkeys(AUDIO_METRIC_KEYS)
+        ref = np.asarray(reference[:n], dtype=np.float64)
+        out["si_sdr"] = si_sdr(ref, np.asarray(estimate[:n], dtype=np.float64)) if np.ptp(ref) > 0 else None
+        return out
+    return audio_distances(
+        reference, estimate, sample_rate, with_stoi=with_stoi, with_pesq=with_pesq, length_atol=length_atol
+    )
+
+
+def reconstruction_ceiling(
+    original: torch.Tensor | None,
+    decoded_gt: torch.Tensor,
+    sample_rate: int,
+    hop: int,
+    *,
+    with_stoi: bool = True,
+    with_pesq: bool = True,
+) -> dict[str, float | None]:
+    """Distances of ``decode(z_true)`` to the original audio: the codec's own loss, the best any edit can do.
+
+    Lengths may differ by less than one frame (``hop`` samples: a codec pads the last frame, log-mel drops a
+    partial one); the common prefix is scored. All ``None`` without an original.
+    """
+    if original is None:
+        return dict.fromkeys(AUDIO_METRIC_KEYS)
+    return objective_distances(
+        original, decoded_gt, sample_rate, with_stoi=with_stoi, with_pesq=with_pesq, length_atol=hop
+    )
+
+
+def json_distances(distances: Mapping[str, float | None]) -> dict[str, float | None]:
+    """Distances as JSON-safe values: non-finite floats (SI-SDR's ±inf) become ``None``."""
+    return {
+        key: (float(value) if value is not None and math.isfinite(value) else None)
+        for key, value in distances.items()
+    }
+
+
+def mean_distances(rows: Iterable[Mapping[str, float | None]]) -> dict[str, float | None]:
+    """Per-metric mean over ``rows`` of the finite values (``None`` when a metric has none)."""
+    collected: dict[str, list[float]] = {key: [] for key in AUDIO_METRIC_KEYS}
+    for row in rows:
+        for key, value in row.items():
+            if value is not None and math.isfinite(value):
+                collected.setdefault(key, []).append(float(value))
+    return {key: (float(np.mean(values)) if values else None) for key, values in collected.items()}
+
+
+def resample_waves(waves: torch.Tensor, orig_sr: int, target_sr: int) -> torch.Tensor:
+    """``(…, S)`` audio from ``orig_sr`` to ``target_sr`` Hz (band-limited sinc, ``ceil(S·target/orig)`` samples)."""
+    return resample(waves, int(orig_sr), int(target_sr))
+
+
+def relative(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` as a POSIX string (manifest entries)."""
+    return Path(path).relative_to(root).as_posix()
+
+
+def flat_metrics(prefix: str, distances: Mapping[str, float | None], keys: Sequence[str]) -> dict[str, float]:
+    """``{f"{prefix}/{key}": value}`` for the finite values of ``keys`` (results-table entries)."""
+    return {
+        f"{prefix}/{key}": float(distances[key])
+        for key in keys
+        if distances.get(key) is not None and math.isfinite(distances[key])
+    }

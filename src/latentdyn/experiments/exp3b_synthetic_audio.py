@@ -1,0 +1,235 @@
+"""Exp 3B: perceptual validation of latent edits — decode GT and synthetically edited trajectories to WAV.
+
+For ``n_utterances`` utterances of ``split`` (a seeded choice, each cropped to its first ``max_seconds``),
+the GT trajectory ``z`` ``(T, D)`` is edited in the latent store's train-standardised space, the space the
+dynamics models live in (so "magnitude" and "direction" mean what they mean to a model; dimensions with
+a tiny train std cannot dominate), then mapped back to raw latents (:func:`~latentdyn.diagnostics.audio_io.raw_from_edit`) and decoded:
+
+* ``A_stationary``: the latent frozen at the first frame, ``z'[t] = z[0]``;
+* ``B_slow`` (one file per ``alpha`` in ``alphas``): every delta scaled by α,
+  ``z'[0] = z[0], z'[t+1] = z'[t] + α (z[t+1] - z[t])``, i.e. ``z'[t] = z[0] + α (z[t] - z[0])``;
+* ``C_wrong_dir``: true step magnitudes, directions uniform on the sphere,
+  ``z'[t+1] = z'[t] + ‖z[t+1] - z[t]‖ u_t`` (seeded by ``seed``).
+
+``A_stationary`` and ``B_slow`` commute with the affine standardisation (the same edit in raw space gives
+the same raw latents); ``C_wrong_dir`` does not: its norms and random directions are standardised ones.
+
+Outputs under the run directory: ``audio/<utt_id>/{gt_decoded,original,A_stationary,B_slow_a<α>,
+C_wrong_dir}.wav`` at the representation's rate; ``manifest.json`` with one entry per file (utterance,
+mode, α, path relative to the run directory, sample rate, duration, objective distances to the decoded GT)
+and the per-utterance reconstruction ceiling (decoded GT vs original audio); ``metrics.json`` with the
+mean distances per mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from latentdyn.data.latent_store import LatentStore, StoreUtterance
+from latentdyn.diagnostics.audio_io import (
+    choose_utterances,
+    crop_frames,
+    decode_latents,
+    flat_metrics,
+    json_distances,
+    load_original,
+    mean_distances,
+    objective_distances,
+    raw_from_edit,
+    reconstruction_ceiling,
+    relative,
+    representation_from_store,
+    safe_name,
+    samples_per_frame,
+    write_wav,
+)
+from latentdyn.experiments.common import standardize
+from latentdyn.experiments.phase0 import prepare_latent_store, prepare_splits
+from latentdyn.representations.base import Representation
+from latentdyn.tracking.run import METRICS_NAME, write_json
+
+log = logging.getLogger(__name__)
+
+GT_FILE = "gt_decoded"
+ORIGINAL_FILE = "original"
+MANIFEST_NAME = "manifest.json"
+# Distances that go to the results table per mode; metrics.json and manifest.json have them all.
+KEY_DISTANCES = ("mrstft", "si_sdr")
+
+
+def stationary(z: torch.Tensor) -> torch.Tensor:
+    """``A_stationary``: ``(T, D)`` -> ``(T, D)`` with every frame equal to ``z[0]``."""
+    _check_trajectory(z)
+    return z[:1].expand_as(z).clone()
+
+
+def slow(z: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``B_slow``: deltas scaled by ``alpha``, ``z'[t] = z[0] + α (z[t] - z[0])`` ``(T, D)``.
+
+    The closed form of ``z'[t+1] = z'[t] + α (z[t+1] - z[t])`` (a telescoping sum), computed with
+    :func:`torch.lerp`, which returns ``z`` exactly at α = 1 and ``z[0]`` exactly at α = 0 and accumulates
+    no rounding along the trajectory.
+    """
+    _check_trajectory(z)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}")
+    return torch.lerp(z[:1].expand_as(z), z, float(alpha))
+
+
+def wrong_direction(z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``C_wrong_dir``: true step norms, uniformly random directions, ``(T, D)`` -> ``(T, D)``.
+
+    ``z'[0] = z[0]``, ``z'[t+1] = z'[t] + ‖z[t+1] - z[t]‖ u_t`` with ``u_t`` i.i.d. uniform on the unit
+    sphere S^{D-1} (a normalised standard Gaussian drawn from ``generator``). The walk is accumulated in
+    float64 so the step norms of the float32 result match the true ones to float32 rounding.
+    """
+    _check_trajectory(z)
+    z64 = z.to(torch.float64)
+    norms = torch.linalg.vector_norm(z64[1:] - z64[:-1], dim=-1, keepdim=True)  # (T-1, 1)
+    gauss = torch.randn(z.shape[0] - 1, z.shape[1], generator=generator, dtype=torch.float64)
+    directions = gauss / torch.linalg.vector_norm(gauss, dim=-1, keepdim=True)
+    walk = torch.cat([torch.zeros_like(z64[:1]), torch.cumsum(norms * directions, dim=0)])
+    return (z64[:1] + walk).to(z.dtype)
+
+
+def _check_trajectory(z: torch.Tensor) -> None:
+    if z.dim() != 2 or z.shape[0] < 1:
+        raise ValueError(f"a trajectory must be (T >= 1, D), got {tuple(z.shape)}")
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One edited trajectory: its mode, α (B_slow only), file stem and ``(T, D)`` standardised latents."""
+
+    mode: str
+    alpha: float | None
+    stem: str
+    latents: torch.Tensor
+
+
+def slow_stem(alpha: float) -> str:
+    """File stem (and metrics key) of a ``B_slow`` edit, e.g. ``B_slow_a0.5``."""
+    return f"B_slow_a{alpha:g}"
+
+
+def synthetic_edits(z: torch.Tensor, alphas: list[float], generator: torch.Generator) -> list[Edit]:
+    """All edits of one standardised trajectory ``(T, D)``, in file order."""
+    edits = [Edit("A_stationary", None, "A_stationary", stationary(z))]
+    edits += [Edit("B_slow", float(a), slow_stem(float(a)), slow(z, float(a))) for a in alphas]
+    edits.append(Edit("C_wrong_dir", None, "C_wrong_dir", wrong_direction(z, generator)))
+    return edits
+
+
+def corpus_audio_paths(cfg: DictConfig) -> dict[str, str]:
+    """``utt_id -> audio file`` of every utterance in ``cfg.data``'s splits (the corpus behind a store)."""
+    return {u.utt_id: u.path for utts in prepare_splits(cfg).values() for u in utts}
+
+
+def utterance_latents(store: LatentStore, utt: StoreUtterance, max_seconds: float | None) -> torch.Tensor:
+    """Raw ``(T, D)`` float32 latents of ``utt``, cropped to its first ``max_seconds``."""
+    n = crop_frames(utt.n_frames, max_seconds, store.frame_rate)
+    return torch.from_numpy(np.array(store.utterance_latents(utt)[:n], dtype=np.float32))
+
+
+def _file_entry(run_dir: Path, path: Path, info: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """A manifest entry: ``fields`` (utterance, mode, key, alpha, distances), the path relative to the run
+    directory, and the WAV's sample rate, length and duration."""
+    return {**fields, "path": relative(path, run_dir), **info}
+
+
+def _utterance(
+    cfg: DictConfig,
+    store: LatentStore,
+    rep: Representation,
+    utt: StoreUtterance,
+    audio_path: str | None,
+    generator: torch.Generator,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Decode, write and score one utterance's GT and edits; returns its manifest entries and its ceiling."""
+    run_dir = Path(cfg.run_dir)
+    out_dir = run_dir / "audio" / safe_name(utt.utt_id)
+    hop = samples_per_frame(rep.sample_rate, rep.frame_rate)
+    scoring = {"with_stoi": bool(cfg.with_stoi), "with_pesq": bool(cfg.with_pesq)}
+    raw = utterance_latents(store, utt, cfg.max_seconds)
+    z = standardize(store, raw)
+    edits = synthetic_edits(z, [float(a) for a in cfg.alphas], generator)
+    waves = decode_latents(rep, torch.stack([raw, *(raw_from_edit(store, raw, z, e.latents) for e in edits)]))
+    gt, sr = waves[0], int(rep.sample_rate)
+    n_frames = int(raw.shape[0])
+
+    # The references (decoded GT, original audio) carry no distances; edits are scored against the GT.
+    files: list[tuple[str, str, float | None, torch.Tensor, dict[str, float | None] | None]] = [
+        ("GT", GT_FILE, None, gt, None)
+    ]
+    original = load_original(audio_path, sr, gt.shape[-1]) if audio_path else None
+    if original is not None:
+        files.append(("original", ORIGINAL_FILE, None, original, None))
+    for edit, wave in zip(edits, waves[1:], strict=True):
+        distances = json_distances(objective_distances(gt, wave, sr, **scoring))
+        files.append((edit.mode, edit.stem, edit.alpha, wave, distances))
+    entries = []
+    for mode, stem, alpha, wave, distances in files:
+        path = out_dir / f"{stem}.wav"
+        fields = {"utterance": utt.utt_id, "mode": mode, "key": stem, "alpha": alpha, "n_frames": n_frames}
+        entries.append(_file_entry(run_dir, path, write_wav(path, wave, sr), **fields, distances=distances))
+    ceiling = json_distances(reconstruction_ceiling(original, gt, sr, hop, **scoring))
+    log.info("%s: %d frames decoded to %s", utt.utt_id, n_frames, out_dir)
+    return entries, {"utterance": utt.utt_id, "n_frames": n_frames, "distances": ceiling}
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Decode GT and edited trajectories, write WAVs, ``manifest.json`` and ``metrics.json``."""
+    from latentdyn.representations.extract import resolve_device
+
+    alphas = [float(a) for a in cfg.alphas]
+    if len({slow_stem(a) for a in alphas}) != len(alphas):
+        raise ValueError(f"alphas must be distinct, got {alphas}")
+    store = prepare_latent_store(cfg)
+    rep = representation_from_store(store, resolve_device(cfg.extract.device))
+    paths = corpus_audio_paths(cfg)
+    utts = choose_utterances(store, cfg.split, int(cfg.n_utterances), int(cfg.seed))
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    entries: list[dict[str, Any]] = []
+    ceilings: list[dict[str, Any]] = []
+    for utt in utts:
+        utt_entries, ceiling = _utterance(cfg, store, rep, utt, paths.get(utt.utt_id), generator)
+        entries += utt_entries
+        ceilings.append(ceiling)
+
+    keys = ["A_stationary", *(slow_stem(a) for a in alphas), "C_wrong_dir"]
+    per_mode = {k: mean_distances(e["distances"] for e in entries if e.get("key") == k) for k in keys}
+    ceiling_mean = mean_distances(c["distances"] for c in ceilings)
+    run_dir = Path(cfg.run_dir)
+    common = {
+        "representation": store.meta["representation"],
+        "sample_rate": int(rep.sample_rate),
+        "frame_rate": store.frame_rate,
+        "latent_store": str(store.root),
+        "split": cfg.split,
+        "max_seconds": cfg.max_seconds,
+        "alphas": alphas,
+        "edit_space": "standardised (store train mean/std)",
+        "reference": "distances of every edit are to the decoded GT latents (gt_decoded.wav)",
+    }
+    write_json(
+        run_dir / MANIFEST_NAME,
+        {**common, "files": entries, "reconstruction_ceiling": ceilings},
+    )
+    write_json(
+        run_dir / METRICS_NAME,
+        {**common, "n_utterances": len(utts), "modes": per_mode, "reconstruction_ceiling": ceiling_mean},
+    )
+    metrics: dict[str, float] = {"n_utterances": float(len(utts))}
+    for key, distances in per_mode.items():
+        metrics.update(flat_metrics(key, distances, KEY_DISTANCES))
+    metrics.update(flat_metrics("ceiling", ceiling_mean, KEY_DISTANCES))
+    log.info("wrote %d files for %d utterances under %s", len(entries), len(utts), run_dir / "audio")
+    return metrics
