@@ -85,4 +85,6 @@ def test_training_loggers_write_into_the_run_dir(
     run_dir = tmp_path / "outputs" / "tier1" / "exp1_vmf" / "L"
     found = list(run_dir.glob(artifact))
     # One logger per job: every training stage of the job writes into the same place.
-    assert found and len({p.parent for p in found}) == 1, f"expected {artifact} in one directory of {run_dir}: {found}"
+    assert found and len({p.parent for p in found}) == 1, (
+        f"expected {artifact} in one directory of {run_dir}: {found}"
+    )

@@ -7,7 +7,6 @@ the caller (which owns the skip-or-fail policy) can report it; nothing unusable 
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 
 import numpy as np

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +88,14 @@ def checkpoint_dir(cfg: DictConfig) -> Path:
     path = Path(cfg.run_dir) / "checkpoints"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def write_csv_rows(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """CSV of ``rows`` with the union of their keys as columns (first-seen order); missing cells empty."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    with Path(path).open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)

@@ -43,6 +43,22 @@ def train_horizon(cfg: DictConfig, store: Any, k: int, logger: Any) -> tuple[Any
     return model.eval(), path, fit
 
 
+def model_battery(cfg: DictConfig, model: Any, store: Any) -> list[dict[str, Any]]:
+    """The Phase 1 battery (``cfg.battery``) of a trained model and the baselines, on the model's windows,
+    with the slice definitions the model was trained with (``cfg.datamodule``)."""
+    return run_battery(
+        model.net,
+        store,
+        WindowSpec(model.context, model.horizon, model.context_stride),
+        split=cfg.battery.split,
+        slices=list(cfg.battery.slices),
+        energy_percentile=cfg.datamodule.energy_percentile,
+        edge_frames=cfg.datamodule.edge_frames,
+        max_windows=cfg.battery.max_windows,
+        seed=cfg.seed,
+    )
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train per horizon, run the battery, write checkpoints, ``metrics.json`` and ``tables.csv``."""
     from latentdyn.models.training import job_logger
@@ -55,18 +71,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     with job_logger(cfg) as logger:
         for k in cfg.horizons:
             model, ckpt, fit = train_horizon(cfg, store, int(k), logger)
-            spec = WindowSpec(model.context, model.horizon, model.context_stride)
-            k_rows = run_battery(
-                model.net,
-                store,
-                spec,
-                split=cfg.battery.split,
-                slices=list(cfg.battery.slices),
-                energy_percentile=cfg.datamodule.energy_percentile,
-                edge_frames=cfg.datamodule.edge_frames,
-                max_windows=cfg.battery.max_windows,
-                seed=cfg.seed,
-            )
+            k_rows = model_battery(cfg, model, store)
             rows += k_rows
             details["horizons"][f"k{k}"] = {"checkpoint": str(ckpt), "fit": fit, "battery": k_rows}
             for row in k_rows:

@@ -14,7 +14,6 @@ The injection diagnostic rolls out each representation's one-frame model at its 
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -24,9 +23,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from latentdyn.config import conf_dir
-from latentdyn.data.windows import WindowSpec
-from latentdyn.diagnostics.battery import run_battery
-from latentdyn.experiments.exp1_vmf import train_horizon
+from latentdyn.experiments.common import write_csv_rows
+from latentdyn.experiments.exp1_vmf import model_battery, train_horizon
 from latentdyn.experiments.exp2_injection import injection_diagnostic
 from latentdyn.experiments.phase0 import prepare_latent_store
 from latentdyn.tracking.run import METRICS_NAME, write_json
@@ -80,15 +78,7 @@ def compare_one(cfg: DictConfig, name: str, logger: Any) -> tuple[list[dict[str,
     for seconds, k in horizons.items():
         model, _, _ = train_horizon(rep_cfg, store, k, logger)
         models[k] = model
-        battery = run_battery(
-            model.net,
-            store,
-            WindowSpec(model.context, model.horizon, model.context_stride),
-            split=cfg.battery.split,
-            slices=list(cfg.battery.slices),
-            max_windows=cfg.battery.max_windows,
-            seed=cfg.seed,
-        )
+        battery = model_battery(rep_cfg, model, store)
         for row in battery:
             rows.append(
                 {
@@ -133,16 +123,6 @@ def compare_one(cfg: DictConfig, name: str, logger: Any) -> tuple[list[dict[str,
     return rows, diag
 
 
-def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(k for k in row if k not in columns)
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def run(cfg: DictConfig) -> dict[str, float]:
     from latentdyn.models.training import job_logger
 
@@ -153,7 +133,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         for name in cfg.representations:
             rep_rows, diagnostics[name] = compare_one(cfg, str(name), logger)
             rows += rep_rows
-    write_summary(rows, run_dir / "summary.csv")
+    write_csv_rows(rows, run_dir / "summary.csv")
     (run_dir / "injection_diag.json").write_text(json.dumps(diagnostics, indent=2) + "\n")
     key: dict[str, float] = {}
     for row in rows:

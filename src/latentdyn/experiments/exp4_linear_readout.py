@@ -33,10 +33,8 @@ from omegaconf import DictConfig, open_dict
 
 from latentdyn import artifacts
 from latentdyn.data.latent_store import LatentStore
-from latentdyn.data.windows import WindowSpec
-from latentdyn.diagnostics.battery import run_battery
-from latentdyn.experiments.common import plain
-from latentdyn.experiments.exp1_vmf import KEY_METRICS, train_horizon
+from latentdyn.experiments.common import plain, write_csv_rows
+from latentdyn.experiments.exp1_vmf import KEY_METRICS, model_battery, train_horizon
 from latentdyn.experiments.exp2_injection import KEY_SUMMARIES, injection_diagnostic
 from latentdyn.experiments.phase0 import prepare_latent_store
 from latentdyn.representations.pca import (
@@ -188,17 +186,7 @@ def evaluate_variant(
     for k in (int(h) for h in cfg.horizons):
         model, _, _ = train_horizon(var_cfg, store, k, logger)
         models[k] = model
-        rows = run_battery(
-            model.net,
-            store,
-            WindowSpec(model.context, model.horizon, model.context_stride),
-            split=cfg.battery.split,
-            slices=list(cfg.battery.slices),
-            energy_percentile=cfg.datamodule.energy_percentile,
-            edge_frames=cfg.datamodule.edge_frames,
-            max_windows=cfg.battery.max_windows,
-            seed=cfg.seed,
-        )
+        rows = model_battery(var_cfg, model, store)
         battery_rows += [{"variant": name, **r} for r in rows]
         by_predictor = {r["predictor"]: r for r in rows if r["slice"] == cfg.datamodule.slice}
         row.update({f"k{k}_{m}": float(by_predictor["model"][m]) for m in KEY_METRICS})
@@ -213,17 +201,6 @@ def evaluate_variant(
         row.update({f"{mode}_{s}": float(summary[s]) for s in KEY_SUMMARIES})
     diag = {**result.to_dict(), "dim": store.dim, "frame_rate": store.frame_rate}
     return row, battery_rows, diag
-
-
-def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
-    """CSV of ``rows`` with the union of their keys as columns (first-seen order)."""
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(k for k in row if k not in columns)
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -251,8 +228,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             row, rows, diagnostics[name] = evaluate_variant(cfg, name, store, logger)
             summary.append({**row, "explained_variance_fraction": fraction, "recon_mse_test": recon})
             battery += rows
-    write_rows(summary, run_dir / "summary.csv")
-    write_rows(battery, run_dir / "tables.csv")
+    write_csv_rows(summary, run_dir / "summary.csv")
+    write_csv_rows(battery, run_dir / "tables.csv")
     (run_dir / "injection_diag.json").write_text(json.dumps(diagnostics, indent=2) + "\n")
     key = {
         f"{row['variant']}/{column}": float(row[column])
