@@ -182,7 +182,9 @@ def sample_start_segments(
     for u, t0 in zip(utt.tolist(), starts.tolist(), strict=True):
         piece = trajectories[u][t0 : t0 + need]
         # A copy: pieces are often read-only memmap views of a latent store.
-        segments.append(piece.clone() if isinstance(piece, torch.Tensor) else torch.from_numpy(np.array(piece)))
+        segments.append(
+            piece.clone() if isinstance(piece, torch.Tensor) else torch.from_numpy(np.array(piece))
+        )
     return torch.stack(segments).to(torch.float32)
 
 
