@@ -87,5 +87,17 @@ def test_checkpoint_latest_resolves_through_the_manifest(tmp_path: Path) -> None
     assert path == tmp_path / "new" / "checkpoints" / "vmf_k1_final.ckpt"
     with pytest.raises(FileNotFoundError, match="exp1b"):
         resolve_checkpoint("latest:exp1b", manifest, "exp1_vmf", "*_k1_final.ckpt")
+    # A fine-tuned run directory holds only a rollout checkpoint: the second pattern finds it.
+    tuned = tmp_path / "tuned" / "checkpoints"
+    tuned.mkdir(parents=True)
+    (tuned / "vmf_rollout_final.ckpt").write_bytes(b"x")
+    patterns = ["*_k1_final.ckpt", "*_rollout_final.ckpt"]
+    assert (
+        resolve_checkpoint(str(tmp_path / "tuned"), manifest, "exp1_vmf", patterns)
+        == tuned / "vmf_rollout_final.ckpt"
+    )
+    assert (
+        resolve_checkpoint(str(tmp_path / "new"), manifest, "exp1_vmf", patterns).name == "vmf_k1_final.ckpt"
+    )
     with pytest.raises(FileNotFoundError, match="nothing.ckpt"):
         resolve_checkpoint(str(tmp_path / "nothing.ckpt"), manifest, "exp1_vmf", "*")

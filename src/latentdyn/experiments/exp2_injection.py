@@ -71,7 +71,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from latentdyn.models.dynamics import load_dynamics
 
     ckpt = resolve_checkpoint(
-        str(cfg.checkpoint), Path(cfg.paths.manifest), "exp1_vmf", f"*_k{cfg.horizon_k}_final.ckpt"
+        str(cfg.checkpoint),
+        Path(cfg.paths.manifest),
+        "exp1_vmf",
+        [f"*_k{cfg.horizon_k}_final.ckpt", "*_rollout_final.ckpt"],
     )
     log.info("checkpoint: %s", ckpt)
     model = load_dynamics(ckpt)

@@ -230,7 +230,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise ValueError(f"rollout_lengths must be distinct integers >= 0, got {lengths}")
     if cfg.predict not in PREDICT:
         raise ValueError(f"predict must be one of {PREDICT}, got {cfg.predict!r}")
-    ckpt = resolve_checkpoint(str(cfg.checkpoint), Path(cfg.paths.manifest), "exp1_vmf", "*_k1_final.ckpt")
+    ckpt = resolve_checkpoint(
+        str(cfg.checkpoint), Path(cfg.paths.manifest), "exp1_vmf", ["*_k1_final.ckpt", "*_rollout_final.ckpt"]
+    )
     log.info("checkpoint: %s", ckpt)
     device = resolve_device(cfg.extract.device)
     model = load_dynamics(ckpt, map_location=device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from latentdyn.tracking.manifest import iter_records
@@ -19,23 +20,17 @@ def latest_run_dir(manifest: Path, experiment: str) -> Path:
     return Path(runs[0].run_dir)
 
 
-def resolve_checkpoint(value: str, manifest: Path, experiment: str, pattern: str) -> Path:
-    """A checkpoint path from ``value``: a file path, ``latest`` (newest completed run of ``experiment``) or
-    ``latest:EXPERIMENT``; in a run directory the file matching ``checkpoints/<pattern>`` is taken.
+def resolve_checkpoint(value: str, manifest: Path, experiment: str, patterns: str | Sequence[str]) -> Path:
+    """A checkpoint path from ``value``: a file path, a run directory, ``latest`` (newest completed run of
+    ``experiment``) or ``latest:EXPERIMENT``. In a run directory, the first of ``patterns`` that matches
+    exactly one file under ``checkpoints/`` names the checkpoint.
     """
     if value == "latest" or value.startswith("latest:"):
         source = value.split(":", 1)[1] if ":" in value else experiment
-        run_dir = latest_run_dir(manifest, source)
-        matches = sorted((run_dir / "checkpoints").glob(pattern))
-        if len(matches) != 1:
-            found = [p.name for p in (run_dir / "checkpoints").glob("*.ckpt")]
-            raise FileNotFoundError(
-                f"expected one checkpoint matching {pattern!r} in {run_dir / 'checkpoints'}, found {found}"
-            )
-        return matches[0]
+        return resolve_checkpoint_in_dir(latest_run_dir(manifest, source), patterns)
     path = Path(value).expanduser()
     if path.is_dir():
-        return resolve_checkpoint_in_dir(path, pattern)
+        return resolve_checkpoint_in_dir(path, patterns)
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint not found: {path} (pass a .ckpt file, a run directory or `latest`)"
@@ -43,10 +38,17 @@ def resolve_checkpoint(value: str, manifest: Path, experiment: str, pattern: str
     return path
 
 
-def resolve_checkpoint_in_dir(run_dir: Path, pattern: str) -> Path:
-    matches = sorted((run_dir / "checkpoints").glob(pattern)) or sorted(run_dir.glob(pattern))
-    if len(matches) != 1:
-        raise FileNotFoundError(
-            f"expected one checkpoint matching {pattern!r} under {run_dir}, found {matches}"
-        )
-    return matches[0]
+def resolve_checkpoint_in_dir(run_dir: Path, patterns: str | Sequence[str]) -> Path:
+    """The single checkpoint under ``run_dir/checkpoints`` (or ``run_dir``) matching the first pattern that matches."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    for folder in (run_dir / "checkpoints", run_dir):
+        for pattern in patterns:
+            matches = sorted(folder.glob(pattern))
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise FileNotFoundError(
+                    f"several checkpoints match {pattern!r} in {folder}: {[p.name for p in matches]}"
+                )
+    found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    raise FileNotFoundError(f"no checkpoint matching {patterns} under {run_dir}; found {found}")
