@@ -185,3 +185,10 @@ def test_sub_runs_are_tracked_in_process(tmp_path: Path) -> None:
     assert runs["parent/exp2"].status == "failed"
     assert runs["parent/exp2"].error["type"] == "ValueError"
     assert json.loads((tmp_path / "sub" / "run_info.json").read_text())["status"] == "completed"
+
+
+def test_no_experiment_is_a_clear_error_and_records_nothing(tmp_path: Path) -> None:
+    proc = _cli([], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "no experiment chosen" in proc.stderr and "quickstart" in proc.stderr
+    assert not (tmp_path / "outputs" / "manifest.jsonl").exists()

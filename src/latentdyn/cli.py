@@ -43,6 +43,12 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     # Hydra turns callback exceptions into warnings; an untracked run must not pass silently.
     from latentdyn.tracking.run import current_run
 
+    if cfg.get("pipeline") is None:
+        raise SystemExit(
+            "latentdyn: no experiment chosen. Run `latentdyn experiment=NAME`; available: "
+            + ", ".join(available_experiments())
+            + "\nStart with `latentdyn experiment=quickstart`; `latentdyn --help` lists every option."
+        )
     if current_run() is None:
         raise RuntimeError(
             "run tracking did not start (see the warning above); refusing to run an untracked job"

@@ -35,6 +35,8 @@ class RunTrackingCallback(Callback):
         self._run: TrackedRun | None = None
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("pipeline") is None:
+            return  # no experiment chosen: the app refuses to run, there is nothing to record
         hydra_cfg = HydraConfig.get()
         resolved = job_config(config)
         run_id = str(resolved["run_id"])
