@@ -60,6 +60,8 @@ def store_spec(cfg: DictConfig) -> dict[str, Any]:
         "splits": splits_spec(cfg),
         "representation": _plain(cfg.representation),
         "on_bad_audio": cfg.data.on_bad_audio,
+        # Half-precision encoding changes the stored values.
+        "precision": cfg.extract.precision,
     }
 
 
@@ -104,9 +106,19 @@ def prepare_splits(cfg: DictConfig) -> dict[str, list[Utterance]]:
     return {name: read_index(path / f"{name}.jsonl") for name in SPLITS}
 
 
+def batch_seconds(cfg: DictConfig, device: Any) -> float:
+    """Audio seconds per encoder batch: ``extract.batch_seconds``, or when null 600 s on GPU (batching is what
+    makes a GPU fast) and 8 s on CPU (codecs run no faster in large CPU batches; padding only costs)."""
+    if cfg.extract.batch_seconds is not None:
+        return float(cfg.extract.batch_seconds)
+    return 600.0 if getattr(device, "type", str(device)) == "cuda" else 8.0
+
+
 def prepare_latent_store(cfg: DictConfig) -> LatentStore:
     """The latent store of ``cfg.data`` x ``cfg.representation`` (built on first use, then reused)."""
     from latentdyn.representations.extract import extract_to_store, resolve_device
+
+    store_path = artifacts.artifact_path(Path(cfg.paths.cache_dir), "latents", store_spec(cfg))
 
     def build(tmp: Path) -> None:
         rep = instantiate(cfg.representation)
@@ -118,14 +130,21 @@ def prepare_latent_store(cfg: DictConfig) -> LatentStore:
             "weights": rep.weights,
             "extra": {"representation_config": _plain(cfg.representation)},
         }
+        device = resolve_device(cfg.extract.device)
         with LatentStoreWriter(tmp, dim=rep.dim, meta=meta) as writer:
             bad = extract_to_store(
                 rep,
                 splits,
                 writer,
-                batch_seconds=cfg.extract.batch_seconds,
+                batch_seconds=batch_seconds(cfg, device),
                 on_bad_audio=cfg.data.on_bad_audio,
-                device=resolve_device(cfg.extract.device),
+                device=device,
+                precision=cfg.extract.precision,
+                num_workers=cfg.extract.num_workers,
+                # Beside the artifact, outside its temporary build dir: a killed build resumes from here.
+                shard_dir=store_path.parent / f"{store_path.name}.shards",
+                shard_seconds=cfg.extract.shard_seconds,
+                resume=not cfg.force,
             )
         (tmp / "bad_files.json").write_text(json.dumps([b.__dict__ for b in bad], indent=2))
 
