@@ -104,7 +104,7 @@ def test_one_step_unroll_equals_the_exp1_loss_on_the_same_windows(exp1_run) -> N
     root, ckpt = exp1_run
     model = load_dynamics(ckpt)
     cfg = _compose(root, "exp1b_vmf_rollout", "rollout.steps=1")
-    module = exp1b_vmf_rollout.build_finetune_module(cfg, model, ckpt)
+    module = exp1b_vmf_rollout.build_finetune_module(cfg, model, ckpt).eval()  # no dropout noise
     store = store_of_checkpoint(cfg, model.run_config)
     exp1_batch = build_datamodule(cfg, store, model).dataset("train").get_batch(np.arange(64))
     dm = exp1b_vmf_rollout.rollout_datamodule(cfg, store, module)

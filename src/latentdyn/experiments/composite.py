@@ -25,7 +25,8 @@ def sub_config(
 ) -> DictConfig:
     """Config of a sub-run of ``experiment``: ``base`` (its own composed config) or else the parent's, with its
     own name, tier, run id and run dir inside the parent's, plus ``values``."""
-    cfg = OmegaConf.create(plain(base if base is not None else parent))
+    # Unresolved, so that interpolations of run_dir / run_id (the logger's save_dir, ...) follow the sub-run.
+    cfg = OmegaConf.create(OmegaConf.to_container(base if base is not None else parent, resolve=False))
     with open_dict(cfg):
         cfg.name = experiment
         cfg.tier = tier

@@ -27,14 +27,16 @@ KEY_METRICS = ("nll_per_dim", "direction_cosine", "magnitude_log_error", "mse")
 
 
 def train_horizon(cfg: DictConfig, store: Any, k: int, logger: Any) -> tuple[Any, Path, dict[str, float]]:
-    """Train one dynamics model at horizon ``k``; returns the model, its checkpoint and final val/train NLL."""
-    from latentdyn.models.training import build_trainer, seed_everything
+    """Train one dynamics model at horizon ``k`` (with ``restore_best``: its best-validation weights);
+    returns the model, its checkpoint and the last logged train/val NLL."""
+    from latentdyn.models.training import RestoreBestValidation, build_trainer, seed_everything
 
     seed_everything(cfg.seed)
     model = build_dynamics(cfg, dim=store.dim, horizon=k)
     model.metric_prefix = f"k{k}/"
     datamodule = build_datamodule(cfg, store, model)
-    trainer = build_trainer(cfg, logger)
+    callbacks = [RestoreBestValidation(f"k{k}/val/nll_per_dim")] if cfg.restore_best else []
+    trainer = build_trainer(cfg, logger, callbacks)
     log.info("training %s at k=%d on slice %s (%s)", cfg.model.name, k, cfg.datamodule.slice, store.root)
     trainer.fit(model, datamodule=datamodule)
     path = checkpoint_dir(cfg) / f"{cfg.model.name}_k{k}_final.ckpt"

@@ -54,6 +54,33 @@ def job_logger(cfg: DictConfig) -> Iterator[Logger | None]:
             wandb.finish()
 
 
+class RestoreBestValidation(Callback):
+    """Keep a copy of the weights at the best value of ``monitor`` and load them back when fitting ends.
+
+    Small latent corpora are easy to overfit; evaluating and saving the best-validation weights is early
+    stopping without losing the rest of the learning-rate schedule. Logs the step it restored.
+    """
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+        self.best: float | None = None
+        self.best_step = -1
+        self._state: dict[str, Any] | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.monitor])
+        if self.best is None or value < self.best:
+            self.best, self.best_step = value, trainer.global_step
+            self._state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._state is not None:
+            pl_module.load_state_dict(self._state)
+            log.info("restored the best validation weights: %s = %.4f at step %d", self.monitor, self.best, self.best_step)
+
+
 def build_trainer(
     cfg: DictConfig, logger: Logger | None, callbacks: Sequence[Callback] = (), **overrides: Any
 ) -> pl.Trainer:
