@@ -88,3 +88,28 @@ def test_training_loggers_write_into_the_run_dir(
     assert found and len({p.parent for p in found}) == 1, (
         f"expected {artifact} in one directory of {run_dir}: {found}"
     )
+
+
+def test_every_tier1_and_audio_experiment_runs_from_the_cli_under_smoke(tmp_path: Path) -> None:
+    smoke = ["debug=smoke"]
+    steps = [
+        ["experiment=exp1_vmf", "horizons=[1]"],
+        ["experiment=exp1b_vmf_rollout", "checkpoint=latest", "rollout.steps=2", "trainer.max_steps=6"],
+        ["experiment=exp2_injection", "checkpoint=latest:exp1b_vmf_rollout"],
+        ["experiment=exp7_perceptual_rollout", "checkpoint=latest", "rollout_lengths=[1,2]"],
+        ["experiment=exp3b_synthetic_audio"],
+        ["experiment=exp4_linear_readout", "pca.dims=[4]"],
+    ]
+    for args in steps:
+        run_cli([*args, *smoke], tmp_path)
+    completed = {r["experiment"] for r in manifest_lines(tmp_path) if r["status"] == "completed"}
+    assert completed == {
+        "exp1_vmf",
+        "exp1b_vmf_rollout",
+        "exp2_injection",
+        "exp7_perceptual_rollout",
+        "exp3b_synthetic_audio",
+        "exp4_linear_readout",
+    }
+    exp2_log = next((tmp_path / "outputs" / "tier1" / "exp2_injection").glob("*/run.log")).read_text()
+    assert "vmf_rollout_final.ckpt" in exp2_log
