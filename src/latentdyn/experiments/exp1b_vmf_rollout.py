@@ -20,24 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from latentdyn.data.latent_store import LatentStore
 from latentdyn.diagnostics.injection import (
     InjectionResult,
     run_injection,
-    sample_start_segments,
-    segment_frames,
 )
 from latentdyn.experiments.common import (
-    bank_from_store,
     checkpoint_dir,
     plain,
-    split_trajectories,
-    standardize,
 )
-from latentdyn.experiments.exp2_injection import store_of_checkpoint
+from latentdyn.experiments.exp2_injection import injection_inputs, store_of_checkpoint
 from latentdyn.tracking.lookup import resolve_checkpoint
 from latentdyn.tracking.run import METRICS_NAME, write_json
 
@@ -124,13 +118,7 @@ def before_after(
         after.context_stride,
     ):
         raise ValueError("before/after models must share context, horizon and context stride")
-    inj = instantiate(diag_cfg)
-    window, horizon_frames = segment_frames(before, inj.horizon)
-    segments = sample_start_segments(
-        split_trajectories(store, inj.split), window, horizon_frames, inj.n_starts, inj.seed
-    )
-    segments = standardize(store, segments)
-    bank = bank_from_store(store, "train", inj.bank_size, inj.seed)
+    inj, segments, bank = injection_inputs(before, store, diag_cfg)
     with torch.no_grad():
         results = run_injection(before, segments, inj, bank), run_injection(after, segments, inj, bank)
     starts = {

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from latentdyn.data.latent_store import LatentStore
 from latentdyn.diagnostics.injection import (
+    InjectionConfig,
     InjectionResult,
     run_injection,
     sample_start_segments,
@@ -52,17 +53,25 @@ def store_of_checkpoint(cfg: DictConfig, run_config: dict[str, Any]) -> LatentSt
     return prepare_latent_store(store_cfg)
 
 
-def injection_diagnostic(
-    model: Any, store: LatentStore, diag_cfg: DictConfig, correction: Any = None
-) -> InjectionResult:
-    """Run the configured injection diagnostic of ``model`` on ``store`` (standardised space)."""
+def injection_inputs(
+    model: Any, store: LatentStore, diag_cfg: DictConfig
+) -> tuple[InjectionConfig, torch.Tensor, torch.Tensor]:
+    """The diagnostic's config, its standardised GT segments ``(N, L, D)`` from ``diag_cfg.split`` and the
+    train-frame manifold bank, for ``model``'s geometry. Seeded: every model with the same geometry gets
+    the same start points."""
     inj = instantiate(diag_cfg)
     window, horizon_frames = segment_frames(model, inj.horizon)
     segments = sample_start_segments(
         split_trajectories(store, inj.split), window, horizon_frames, inj.n_starts, inj.seed
     )
-    segments = standardize(store, segments)
-    bank = bank_from_store(store, "train", inj.bank_size, inj.seed)
+    return inj, standardize(store, segments), bank_from_store(store, "train", inj.bank_size, inj.seed)
+
+
+def injection_diagnostic(
+    model: Any, store: LatentStore, diag_cfg: DictConfig, correction: Any = None
+) -> InjectionResult:
+    """Run the configured injection diagnostic of ``model`` on ``store`` (standardised space)."""
+    inj, segments, bank = injection_inputs(model, store, diag_cfg)
     with torch.no_grad():
         return run_injection(model, segments, inj, bank, correction)
 
