@@ -326,3 +326,42 @@ def flat_metrics(prefix: str, distances: Mapping[str, float | None], keys: Seque
         for key in keys
         if distances.get(key) is not None and math.isfinite(distances[key])
     }
+
+
+MANIFEST_NAME = "manifest.json"
+# Distances that go to the results table; manifest.json and metrics.json have them all.
+KEY_DISTANCES = ("mrstft", "si_sdr")
+
+
+def write_listening_outputs(
+    run_dir: Path,
+    common: Mapping[str, Any],
+    entries: Sequence[Mapping[str, Any]],
+    ceilings: Any,
+    groups: Mapping[str, Mapping[str, float | None]],
+    group_label: str,
+    ceiling_mean: Mapping[str, float | None],
+    n_utterances: int,
+) -> dict[str, float]:
+    """Write ``manifest.json`` (every file with its distances, plus the reconstruction ceilings) and
+    ``metrics.json`` (mean distances per group: edit mode or rollout length), and return the key metrics
+    (``<group>/mrstft``, ``<group>/si_sdr``, ``ceiling/...``, ``n_utterances``) for the results table."""
+    from latentdyn.tracking.run import METRICS_NAME, write_json
+
+    write_json(
+        run_dir / MANIFEST_NAME, {**common, "files": list(entries), "reconstruction_ceiling": ceilings}
+    )
+    write_json(
+        run_dir / METRICS_NAME,
+        {
+            **common,
+            "n_utterances": n_utterances,
+            group_label: dict(groups),
+            "reconstruction_ceiling": ceiling_mean,
+        },
+    )
+    metrics: dict[str, float] = {"n_utterances": float(n_utterances)}
+    for key, distances in groups.items():
+        metrics.update(flat_metrics(key, distances, KEY_DISTANCES))
+    metrics.update(flat_metrics("ceiling", ceiling_mean, KEY_DISTANCES))
+    return metrics

@@ -38,7 +38,6 @@ from latentdyn.diagnostics.audio_io import (
     choose_utterances,
     crop_frames,
     decode_latents,
-    flat_metrics,
     json_distances,
     load_original,
     mean_distances,
@@ -49,20 +48,17 @@ from latentdyn.diagnostics.audio_io import (
     representation_from_store,
     safe_name,
     samples_per_frame,
+    write_listening_outputs,
     write_wav,
 )
 from latentdyn.experiments.common import standardize
 from latentdyn.experiments.phase0 import prepare_latent_store, prepare_splits
 from latentdyn.representations.base import Representation
-from latentdyn.tracking.run import METRICS_NAME, write_json
 
 log = logging.getLogger(__name__)
 
 GT_FILE = "gt_decoded"
 ORIGINAL_FILE = "original"
-MANIFEST_NAME = "manifest.json"
-# Distances that go to the results table per mode; metrics.json and manifest.json have them all.
-KEY_DISTANCES = ("mrstft", "si_sdr")
 
 
 def stationary(z: torch.Tensor) -> torch.Tensor:
@@ -219,17 +215,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         "edit_space": "standardised (store train mean/std)",
         "reference": "distances of every edit are to the decoded GT latents (gt_decoded.wav)",
     }
-    write_json(
-        run_dir / MANIFEST_NAME,
-        {**common, "files": entries, "reconstruction_ceiling": ceilings},
+    metrics = write_listening_outputs(
+        run_dir, common, entries, ceilings, per_mode, "modes", ceiling_mean, len(utts)
     )
-    write_json(
-        run_dir / METRICS_NAME,
-        {**common, "n_utterances": len(utts), "modes": per_mode, "reconstruction_ceiling": ceiling_mean},
-    )
-    metrics: dict[str, float] = {"n_utterances": float(len(utts))}
-    for key, distances in per_mode.items():
-        metrics.update(flat_metrics(key, distances, KEY_DISTANCES))
-    metrics.update(flat_metrics("ceiling", ceiling_mean, KEY_DISTANCES))
     log.info("wrote %d files for %d utterances under %s", len(entries), len(utts), run_dir / "audio")
     return metrics

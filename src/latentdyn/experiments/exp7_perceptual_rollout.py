@@ -37,7 +37,6 @@ from latentdyn.diagnostics.audio_io import (
     choose_utterances,
     decode_latents,
     destandardize,
-    flat_metrics,
     json_distances,
     load_original,
     max_frames,
@@ -49,22 +48,20 @@ from latentdyn.diagnostics.audio_io import (
     resample_waves,
     safe_name,
     samples_per_frame,
+    write_listening_outputs,
     write_wav,
 )
 from latentdyn.diagnostics.injection import PREDICT
 from latentdyn.experiments.common import standardize
-from latentdyn.experiments.exp3b_synthetic_audio import MANIFEST_NAME, corpus_audio_paths, utterance_latents
+from latentdyn.experiments.exp3b_synthetic_audio import corpus_audio_paths, utterance_latents
 from latentdyn.experiments.phase0 import prepare_latent_store
 from latentdyn.models.protocol import DeltaModel
 from latentdyn.representations.base import Representation
 from latentdyn.tracking.lookup import resolve_checkpoint
-from latentdyn.tracking.run import METRICS_NAME, write_json
 
 log = logging.getLogger(__name__)
 
 GT_FILE = "gt"
-# Distances that go to the results table per rollout length; metrics.json and manifest.json have them all.
-KEY_DISTANCES = ("mrstft", "si_sdr")
 
 
 def rollout_file(length: int) -> str:
@@ -298,13 +295,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         "at the representation's sample rate, before resampling",
     }
     run_dir = Path(cfg.run_dir)
-    write_json(run_dir / MANIFEST_NAME, {**common, "files": entries, "reconstruction_ceiling": ceilings})
-    write_json(
-        run_dir / METRICS_NAME,
-        {**common, "n_utterances": len(utts), "lengths": per_length, "reconstruction_ceiling": ceiling_mean},
+    metrics = write_listening_outputs(
+        run_dir, common, entries, ceilings, per_length, "lengths", ceiling_mean, len(utts)
     )
-    metrics: dict[str, float] = {"n_utterances": float(len(utts))}
-    for key, distances in per_length.items():
-        metrics.update(flat_metrics(key, distances, KEY_DISTANCES))
-    metrics.update(flat_metrics("ceiling", ceiling_mean, KEY_DISTANCES))
     return metrics
