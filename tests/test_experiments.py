@@ -50,10 +50,13 @@ def test_exp1_writes_checkpoints_metrics_and_tables(compose_cfg, lightning_loade
 
 
 def test_exp1_same_config_and_seed_give_same_metrics(compose_cfg, lightning_loaded) -> None:
-    _, first = _exp1(compose_cfg)
+    cfg, first = _exp1(compose_cfg)
+    first_json = (Path(cfg.run_dir) / "metrics.json").read_text()
     _, second = _exp1(compose_cfg)
+    second_json = (Path(cfg.run_dir) / "metrics.json").read_text()
     _, other_seed = _exp1(compose_cfg, "seed=1")
     assert first == second
+    assert first_json == second_json  # the whole file: every battery row, every fit metric
     assert first != other_seed
 
 
