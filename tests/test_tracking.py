@@ -15,7 +15,7 @@ import yaml
 
 from latentdyn.tracking.manifest import append_record, iter_records
 from latentdyn.tracking.results import summarize_runs
-from latentdyn.tracking.run import tracked_run
+from latentdyn.tracking.run import record_weights, tracked_run
 from tests.conftest import REPO_ROOT, manifest_lines, run_cli
 
 TEST_PIPELINE_ARGS = ["name=dummy", "tier=test"]
@@ -192,3 +192,18 @@ def test_no_experiment_is_a_clear_error_and_records_nothing(tmp_path: Path) -> N
     assert proc.returncode != 0
     assert "no experiment chosen" in proc.stderr and "quickstart" in proc.stderr
     assert not (tmp_path / "outputs" / "manifest.jsonl").exists()
+
+
+def test_weights_recorded_in_a_sub_run_also_land_on_its_composite_run(tmp_path: Path) -> None:
+    manifest = tmp_path / "manifest.jsonl"
+    with tracked_run(
+        run_dir=tmp_path / "p", manifest_path=manifest, run_id="p", experiment="tier1", config={}
+    ) as p:
+        with tracked_run(
+            run_dir=tmp_path / "p" / "s", manifest_path=manifest, run_id="p/s", experiment="exp1", config={}
+        ) as s:
+            record_weights("mimi", {"source": "random", "pretrained": False})
+            s.result = {}
+        p.result = {}
+    runs = {r.run_id: r for r in summarize_runs(iter_records(manifest))}
+    assert runs["p/s"].weights == runs["p"].weights == {"mimi": {"source": "random", "pretrained": False}}

@@ -202,9 +202,9 @@ def current_run() -> TrackedRun | None:
 
 
 def record_weights(name: str, provenance: Mapping[str, Any]) -> None:
-    """Record weights provenance on the current run (a no-op outside a tracked run, e.g. in unit tests)."""
-    run = current_run()
-    if run is not None:
+    """Record weights provenance on every run in progress: the current one and the composite runs it
+    belongs to (a no-op outside a tracked run, e.g. in unit tests)."""
+    for run in _active_runs:
         run.record_weights(name, provenance)
 
 
