@@ -175,6 +175,7 @@ def test_hub_errors_become_weights_unavailable(
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(weights, "hf_hub_download", failing_download)
+    monkeypatch.setattr(weights, "hub_resolves", lambda: True)  # as on a machine with a network
     with pytest.raises(WeightsUnavailableError, match="representation.pretrained=false") as info:
         resolve_hf_file(REPO, FILENAME)
     assert info.value.__cause__ is error and str(error) in str(info.value)
@@ -270,3 +271,31 @@ def test_seeded_init_is_deterministic_and_leaves_the_global_rng_alone() -> None:
 
 def test_random_provenance() -> None:
     assert random_provenance(3, init="x") == {"source": "random", "pretrained": False, "seed": 3, "init": "x"}
+
+
+def test_an_unresolvable_hub_is_not_asked_and_fails_fast(
+    offline_hf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Online mode but no DNS for the hub: only the cache is consulted (no 25 s of client retries)."""
+    import time
+
+    calls: list[dict] = []
+    real = weights.hf_hub_download
+
+    def spy(**kwargs: object) -> str:
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def no_dns(*args: object, **kwargs: object) -> None:
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(weights.socket, "getaddrinfo", no_dns)  # no resolver is asked in the test
+    monkeypatch.setattr(weights, "hf_hub_download", spy)
+    assert weights.hub_resolves() is False
+    t0 = time.monotonic()
+    with pytest.raises(WeightsUnavailableError, match="representation.checkpoint="):
+        resolve_hf_file(REPO, FILENAME)
+    assert time.monotonic() - t0 < 10
+    assert [c["local_files_only"] for c in calls] == [True]

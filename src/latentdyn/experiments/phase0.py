@@ -164,8 +164,10 @@ def bad_files(store: LatentStore) -> list[dict[str, str]]:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Build (or reuse) Phase 0 artifacts and report their sizes."""
-    splits = prepare_splits(cfg)
+    # The store first: it loads the representation's weights before any corpus work, so missing weights
+    # end the run at once instead of after a LibriSpeech download.
     store = prepare_latent_store(cfg)
+    splits = prepare_splits(cfg)
     skipped = bad_files(store)
     for bad in skipped:
         log.warning("bad audio file skipped: %s (%s)", bad["path"], bad["reason"])

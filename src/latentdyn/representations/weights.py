@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -111,6 +113,23 @@ def missing_weights_message(
     )
 
 
+def hub_resolves(timeout_s: float = 5.0) -> bool:
+    """Whether the HF hub's host name resolves (DNS only, within ``timeout_s``): a cheap "is there a network"."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", constants.ENDPOINT)).hostname or "huggingface.co"
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        pool.submit(socket.getaddrinfo, host, 443).result(timeout=timeout_s)
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        pool.shutdown(wait=False)  # a resolver stuck past the timeout is left behind, not waited for
+    return True
+
+
 def resolve_hf_file(
     repo: str, filename: str, *, revision: str | None = None, config_key: str = "representation"
 ) -> Path:
@@ -129,7 +148,9 @@ def resolve_hf_file(
             filename=filename,
             revision=revision,
             cache_dir=hf_hub_cache_dir(),
-            local_files_only=hf_hub_offline(),
+            # Cached copies are used either way; a hub whose name does not even resolve is not asked (its
+            # client would retry for ~25 s before failing).
+            local_files_only=hf_hub_offline() or not hub_resolves(),
         )
     # huggingface_hub's HTTP, offline and cache-miss errors are OSErrors; bad repo ids are ValueErrors.
     except (OSError, ValueError) as err:
