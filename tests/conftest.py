@@ -21,24 +21,24 @@ register_resolvers()
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def compose_at(root: Path, overrides: Sequence[str], run_dir: Path) -> DictConfig:
+    """Compose the app config like the CLI does, with outputs and caches under ``root`` and ``run_dir`` set
+    (created), so a pipeline can be called directly with the result."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"paths.root_dir={root}", *overrides])
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
 @pytest.fixture
 def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
-    """Compose the app config like the CLI does, rooted in a temporary directory.
-
-    ``run_dir`` points at ``tmp_path/run`` so pipelines can be called directly with the result.
-    """
+    """:func:`compose_at` rooted in ``tmp_path``, with ``run_dir`` ``tmp_path/run``."""
 
     def _compose(overrides: Sequence[str] = ()) -> DictConfig:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = compose(
-                config_name="config",
-                overrides=[f"paths.root_dir={tmp_path}", *overrides],
-            )
-        with open_dict(cfg):
-            cfg.run_dir = str(tmp_path / "run")
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        return cfg
+        return compose_at(tmp_path, overrides, tmp_path / "run")
 
     yield _compose
     GlobalHydra.instance().clear()

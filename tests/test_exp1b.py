@@ -11,11 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from latentdyn.config import conf_dir
 from latentdyn.data.windows import WindowDataset, WindowSpec, window_anchors
 from latentdyn.diagnostics.injection import InjectionConfig, run_injection
 from latentdyn.experiments import exp1_vmf, exp1b_vmf_rollout
@@ -31,6 +28,7 @@ from latentdyn.models.rollout import (
     rollout_spec,
     unrolled_nll,
 )
+from tests.conftest import compose_at
 
 SMOKE = ["debug=smoke"]
 MODES = ("A_teacher", "B_periodic", "C_one_shot", "D_rollout")
@@ -42,24 +40,7 @@ OPTIMIZER = {"lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 0}
 
 
 def _compose(root: Path, name: str, *overrides: str, logger: str = "none") -> DictConfig:
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = compose(
-                config_name="config",
-                overrides=[
-                    f"paths.root_dir={root}",
-                    f"experiment={name}",
-                    *SMOKE,
-                    f"logger={logger}",
-                    *overrides,
-                ],
-            )
-    finally:
-        GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.run_dir = str(root / name)
-    return cfg
+    return compose_at(root, [f"experiment={name}", *SMOKE, f"logger={logger}", *overrides], root / name)
 
 
 @pytest.fixture(scope="module")

@@ -9,41 +9,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-from latentdyn.config import conf_dir
 from latentdyn.experiments import exp4_linear_readout as exp4
 from latentdyn.experiments.phase0 import prepare_latent_store
 from latentdyn.representations.pca import PCAFit
+from tests.conftest import compose_at
 
 DIMS = (4, 8)
 MODES = ("A_teacher", "B_periodic", "C_one_shot", "D_rollout")
 
 
 def _compose(root: Path, *overrides: str) -> DictConfig:
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = compose(
-                config_name="config",
-                overrides=[
-                    f"paths.root_dir={root}",
-                    "experiment=exp4_linear_readout",
-                    "debug=smoke",
-                    "logger=none",
-                    f"pca.dims=[{','.join(map(str, DIMS))}]",
-                    "pca.chunk_frames=64",
-                    "battery.slices=[all]",
-                    *overrides,
-                ],
-            )
-    finally:
-        GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.run_dir = str(root / "run")
-    return cfg
+    return compose_at(
+        root,
+        [
+            "experiment=exp4_linear_readout",
+            "debug=smoke",
+            "logger=none",
+            f"pca.dims=[{','.join(map(str, DIMS))}]",
+            "pca.chunk_frames=64",
+            "battery.slices=[all]",
+            *overrides,
+        ],
+        root / "run",
+    )
 
 
 @pytest.fixture(scope="module")
