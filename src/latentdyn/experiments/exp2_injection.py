@@ -34,6 +34,14 @@ log = logging.getLogger(__name__)
 KEY_SUMMARIES = ("auc_mse", "mse_at_H", "nll_mean", "divergence_step", "manifold_dist_mean")
 
 
+def dynamics_checkpoint(value: str, manifest: Path, horizon_k: int) -> Path:
+    """A trained dynamics checkpoint from ``checkpoint=PATH|RUN_DIR|latest|latest:EXPERIMENT``: an Exp 1 model
+    of horizon ``horizon_k`` (``latest`` is the newest exp1_vmf run) or an Exp 1B fine-tuned one."""
+    return resolve_checkpoint(
+        value, manifest, "exp1_vmf", [f"*_k{horizon_k}_final.ckpt", "*_rollout_final.ckpt"]
+    )
+
+
 def store_of_checkpoint(cfg: DictConfig, run_config: dict[str, Any]) -> LatentStore:
     """The latent store a checkpoint was trained on: a derived store it names (Exp 4's projections), or this
     run's config with the checkpoint's data and representation (built or reused as a cached artifact)."""
@@ -79,12 +87,7 @@ def injection_diagnostic(
 def run(cfg: DictConfig) -> dict[str, float]:
     from latentdyn.models.dynamics import load_dynamics
 
-    ckpt = resolve_checkpoint(
-        str(cfg.checkpoint),
-        Path(cfg.paths.manifest),
-        "exp1_vmf",
-        [f"*_k{cfg.horizon_k}_final.ckpt", "*_rollout_final.ckpt"],
-    )
+    ckpt = dynamics_checkpoint(str(cfg.checkpoint), Path(cfg.paths.manifest), int(cfg.horizon_k))
     log.info("checkpoint: %s", ckpt)
     model = load_dynamics(ckpt)
     store = store_of_checkpoint(cfg, model.run_config)

@@ -53,11 +53,11 @@ from latentdyn.diagnostics.audio_io import (
 )
 from latentdyn.diagnostics.injection import PREDICT
 from latentdyn.experiments.common import standardize
+from latentdyn.experiments.exp2_injection import dynamics_checkpoint
 from latentdyn.experiments.exp3b_synthetic_audio import corpus_audio_paths, utterance_latents
 from latentdyn.experiments.phase0 import prepare_latent_store
 from latentdyn.models.protocol import DeltaModel
 from latentdyn.representations.base import Representation
-from latentdyn.tracking.lookup import resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +227,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise ValueError(f"rollout_lengths must be distinct integers >= 0, got {lengths}")
     if cfg.predict not in PREDICT:
         raise ValueError(f"predict must be one of {PREDICT}, got {cfg.predict!r}")
-    ckpt = resolve_checkpoint(
-        str(cfg.checkpoint), Path(cfg.paths.manifest), "exp1_vmf", ["*_k1_final.ckpt", "*_rollout_final.ckpt"]
-    )
+    ckpt = dynamics_checkpoint(str(cfg.checkpoint), Path(cfg.paths.manifest), horizon_k=1)
     log.info("checkpoint: %s", ckpt)
     device = resolve_device(cfg.extract.device)
     model = load_dynamics(ckpt, map_location=device)

@@ -78,7 +78,12 @@ class RestoreBestValidation(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._state is not None:
             pl_module.load_state_dict(self._state)
-            log.info("restored the best validation weights: %s = %.4f at step %d", self.monitor, self.best, self.best_step)
+            log.info(
+                "restored the best validation weights: %s = %.4f at step %d",
+                self.monitor,
+                self.best,
+                self.best_step,
+            )
 
 
 def build_trainer(
