@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import latentdyn
+from latentdyn.jsonio import write_json_atomic
 
 __all__ = ["STD_FLOOR", "LatentStore", "LatentStoreWriter", "StoreUtterance", "store_meta"]
 
@@ -86,16 +87,6 @@ def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
         x = x.detach().cpu()
         return (x.float() if x.dtype == torch.bfloat16 else x).numpy()  # numpy has no bfloat16
     return np.asarray(x)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
 
 
 class _MomentAccumulator:
@@ -270,7 +261,7 @@ class LatentStoreWriter:
             "frames_per_split": dict(sorted(self._split_frames.items())),
             "utterances_per_split": dict(sorted(self._split_utts.items())),
         }
-        _write_json_atomic(self.root / STATS_FILE, stats)
+        write_json_atomic(self.root / STATS_FILE, stats)
         meta = dict(self._caller_meta)
         meta.update(
             format=FORMAT,
@@ -287,7 +278,7 @@ class LatentStoreWriter:
                 "stats": STATS_FILE,
             },
         )
-        _write_json_atomic(self.root / META_FILE, meta)
+        write_json_atomic(self.root / META_FILE, meta)
         self._meta = meta
         return dict(meta)
 

@@ -49,6 +49,7 @@ import latentdyn
 from latentdyn.data.audio import BadAudioError, load_audio
 from latentdyn.data.corpus import Utterance
 from latentdyn.data.latent_store import LatentStoreWriter
+from latentdyn.jsonio import write_json_atomic
 from latentdyn.representations.base import Representation
 from latentdyn.representations.energy import frame_log_energy
 
@@ -408,15 +409,6 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     tmp.replace(path)
 
 
-def _save_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        json.dump(obj, fh, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-
-
 def _write_shard(shard_dir: Path, k: int, fingerprint: str, dim: int, buf: _ShardBuffer) -> None:
     """Write shard ``k``: both arrays, then the sidecar that marks it complete (each fsynced + renamed)."""
     lat_path, energy_path, meta_path = _shard_paths(shard_dir, k)
@@ -433,7 +425,7 @@ def _write_shard(shard_dir: Path, k: int, fingerprint: str, dim: int, buf: _Shar
         "utterances": buf.utterances,
         "bad": buf.bad,
     }
-    _save_json_atomic(meta_path, sidecar)
+    write_json_atomic(meta_path, sidecar)
     _fsync_dir(shard_dir)
 
 
@@ -499,7 +491,7 @@ def _prepare_shard_dir(shard_dir: Path, fingerprint: str, resume: bool) -> None:
         why = "resume disabled" if previous == fingerprint else "the extraction plan or settings changed"
         log.warning("discarding the shards in %s (%s)", shard_dir, why)
     _clear_shards(shard_dir)
-    _save_json_atomic(plan_path, {"format": SHARD_FORMAT_VERSION, "fingerprint": fingerprint})
+    write_json_atomic(plan_path, {"format": SHARD_FORMAT_VERSION, "fingerprint": fingerprint})
 
 
 class _ShardSink:

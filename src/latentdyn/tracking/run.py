@@ -7,7 +7,6 @@ for sub-runs that a composite experiment starts. Either way the run directory ge
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -22,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from latentdyn.jsonio import write_json_atomic
 from latentdyn.tracking.manifest import append_record
 from latentdyn.tracking.provenance import git_state, software_versions
 
@@ -57,10 +57,8 @@ def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
+    """Write JSON atomically (see :func:`latentdyn.jsonio.write_json_atomic`)."""
+    write_json_atomic(path, obj)
 
 
 @dataclass
