@@ -1,7 +1,9 @@
-"""representation=mimi: shapes, frame count, batching, the continuous decode path, weights loading.
+"""representation=mimi: shapes, frame count, batching, both latent spaces and their decode paths, weights
+loading, and the latent space named in a store's meta.
 
 Everything runs offline on random-weight Mimi models (pretrained weights are stand-ins saved here and
-found through a local HF cache or a checkpoint path); inputs are at most 0.2 s of audio.
+found through a local HF cache or a checkpoint path); inputs are at most 0.2 s of audio. The references
+for the latent spaces are computed here from moshi's own modules, not through ``bypass_quantizer``.
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from moshi.models import loaders
+from moshi.models.compression import MimiModel
+from moshi.modules.conv import pad_for_conv1d
 from moshi.quantization import ResidualVectorQuantizer, SplitResidualVectorQuantizer
 from moshi.quantization.core_vq import EuclideanCodebook
 from safetensors.torch import save_file
 
+from latentdyn.data.latent_store import LatentStore, LatentStoreWriter, store_meta
 from latentdyn.representations import mimi as mimi_module
 from latentdyn.representations.base import Representation
-from latentdyn.representations.mimi import MimiRepresentation, bypass_quantizer
+from latentdyn.representations.mimi import LATENT_SPACES, MimiRepresentation, bypass_quantizer
 from latentdyn.representations.weights import WeightsUnavailableError
 from tests.test_weights import populate_hf_cache, set_offline_hf_env
 
@@ -51,8 +57,39 @@ def offline_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="module")
 def rep0() -> MimiRepresentation:
-    """Random-weight Mimi, seed 0 (the default)."""
+    """Random-weight Mimi, seed 0, in the default latent space (``quantizer_output``)."""
     return MimiRepresentation(pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def rep_pre() -> MimiRepresentation:
+    """The same random-weight Mimi (seed 0) in the ``pre_quantizer`` space."""
+    return MimiRepresentation(pretrained=False, latent_space="pre_quantizer")
+
+
+def moshi_pre_quantizer(model: MimiModel, x: torch.Tensor) -> torch.Tensor:
+    """``h``, as moshi's encode path computes it: zero-pad to whole frames, SEANet encoder, encoder
+    transformer, downsampling to 12.5 Hz."""
+    assert model.resample_method == "conv"
+    emb = model.encoder(pad_for_conv1d(x, model.frame_size, model.frame_size))
+    (emb,) = model.encoder_transformer(emb)
+    return model.downsample(emb)
+
+
+def moshi_quantizer_output(model: MimiModel, h: torch.Tensor) -> torch.Tensor:
+    """The reference space: ``output_proj(input_proj(h))`` summed over moshi's two split quantisers."""
+    q = model.quantizer
+    assert isinstance(q, SplitResidualVectorQuantizer)
+    assert isinstance(q.rvq_first.input_proj, torch.nn.Conv1d)  # 512 -> 256 -> 512: not a no-op
+    return sum(rvq.output_proj(rvq.input_proj(h)) for rvq in (q.rvq_first, q.rvq_rest))
+
+
+def moshi_decoder_path(model: MimiModel, z: torch.Tensor) -> torch.Tensor:
+    """What moshi's ``decode`` does after the quantiser's decode: upsampling to 25 Hz, decoder
+    transformer, SEANet decoder."""
+    emb = model.upsample(z)
+    (emb,) = model.decoder_transformer(emb)
+    return model.decoder(emb)
 
 
 @dataclass(frozen=True)
@@ -71,7 +108,7 @@ def stand_in(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandIn]:
 
     Seed 1 so that loading it is told apart from building the default seed-0 random model.
     """
-    rep1 = MimiRepresentation(pretrained=False, seed=1)
+    rep1 = MimiRepresentation(pretrained=False, seed=1)  # default latent space
     path = tmp_path_factory.mktemp("weights") / loaders.MIMI_NAME
     save_file({k: v.contiguous() for k, v in rep1.model.state_dict().items()}, str(path))
     digest = hashlib.sha256()
@@ -113,17 +150,22 @@ def test_encode_shapes_and_a_padded_batch_matches_each_item(rep0: MimiRepresenta
     assert not rel_close(zb[0:1, :, :1], singles[1][:, :, :1], rtol=1e-2)  # different inputs differ
 
 
-def test_decode_matches_moshis_forward_with_quantisation_skipped(rep0: MimiRepresentation) -> None:
+@pytest.mark.parametrize("space", LATENT_SPACES)
+def test_decode_of_encode_matches_moshis_forward_with_quantisation_skipped(
+    space: str, request: pytest.FixtureRequest
+) -> None:
     """Reference: moshi's own training-time forward with ``no_quantization_rate = 1`` on both split
     quantisers (the quantiser returns ``x * mask + (1 - mask) * quantized`` with the mask always 1),
     the rest of the model in eval mode; it decodes in one pass and crops to the input length, which is
-    a whole number of frames here so nothing is cropped."""
+    a whole number of frames here so nothing is cropped. Holds in either latent space."""
+    rep: MimiRepresentation = request.getfixturevalue("rep0" if space == "quantizer_output" else "rep_pre")
+    assert rep.latent_space == space
     x = noise(2, 1, 2 * HOP, seed=5)
-    z = rep0.encode(x)
-    y = rep0.decode(z)
+    z = rep.encode(x)
+    y = rep.decode(z)
     assert z.shape == (2, 512, 2) and y.shape == (2, 1, 2 * HOP) and y.dtype == torch.float32
 
-    ref = copy.deepcopy(rep0.model)
+    ref = copy.deepcopy(rep.model)
     ref.quantizer.train()
     ref.quantizer.rvq_first.no_quantization_rate = 1.0
     ref.quantizer.rvq_rest.no_quantization_rate = 1.0
@@ -133,6 +175,88 @@ def test_decode_matches_moshis_forward_with_quantisation_skipped(rep0: MimiRepre
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         expected = ref(x).x
     assert rel_close(y, expected)
+
+
+def test_quantizer_output_latents_are_the_projected_pre_quantiser_embedding(rep0: MimiRepresentation) -> None:
+    """The default space is ``rvq_first.output_proj(rvq_first.input_proj(h)) + rvq_rest.output_proj(
+    rvq_rest.input_proj(h))``, not ``h`` itself."""
+    assert rep0.latent_space == "quantizer_output"
+    x = noise(2, 1, 2 * HOP + 700, seed=6)  # a partial last frame
+    z = rep0.encode(x)
+    with torch.no_grad():
+        h = moshi_pre_quantizer(rep0.model, x)
+        expected = moshi_quantizer_output(rep0.model, h)
+        assert rel_close(h, rep0.model.encode_to_latent(x, quantize=False))
+    assert z.shape == expected.shape == (2, 512, 3)
+    assert rel_close(z, expected)
+    assert not rel_close(z, h, rtol=0.1)  # a wrong space is caught
+    # Each half contributes: neither projection alone is the latent.
+    q = rep0.model.quantizer
+    with torch.no_grad():
+        for rvq in (q.rvq_first, q.rvq_rest):
+            assert not rel_close(z, rvq.output_proj(rvq.input_proj(h)), rtol=0.1)
+
+
+def test_reference_space_latents_decode_to_moshis_forward_with_quantisation_bypassed(
+    rep0: MimiRepresentation, rep_pre: MimiRepresentation
+) -> None:
+    """Mimi reference-space latents decode to the same audio as moshi's forward with quantisation bypassed:
+    encoder -> encoder transformer -> downsample -> ``h`` -> summed projections -> upsample -> decoder
+    transformer -> decoder, all from moshi's modules."""
+    x = noise(2, 1, 2 * HOP + 700, seed=7)
+    with torch.no_grad():
+        z_ref = moshi_quantizer_output(rep0.model, moshi_pre_quantizer(rep0.model, x))
+        expected = moshi_decoder_path(rep0.model, z_ref)
+    assert expected.shape == (2, 1, 3 * HOP)
+    y_ref = rep0.decode(z_ref)  # the reference latents, decoded by us
+    y = rep0.decode(rep0.encode(x))  # our latents, decoded by us
+    assert y_ref.shape == y.shape == expected.shape and y.dtype == torch.float32
+    assert rel_close(y_ref, expected, rtol=1e-6) and rel_close(y, expected, rtol=1e-6)
+    # Projecting a second time (decoding them as pre-quantiser latents) gives other audio. A random-weight
+    # decoder's output is mostly its biases, so latents move it by ~1e-3 of its scale: hence rtol=1e-4.
+    assert not rel_close(rep_pre.decode(z_ref), expected, rtol=1e-4)
+
+
+def test_pre_quantizer_space_keeps_h_and_decodes_it_through_the_projections(
+    rep0: MimiRepresentation, rep_pre: MimiRepresentation
+) -> None:
+    x = noise(2, 1, 2 * HOP + 700, seed=8)
+    with torch.no_grad():
+        h = moshi_pre_quantizer(rep_pre.model, x)
+        expected = moshi_decoder_path(rep_pre.model, moshi_quantizer_output(rep_pre.model, h))
+    z = rep_pre.encode(x)
+    assert rel_close(z, h)
+    assert rel_close(z, rep_pre.model.encode_to_latent(x, quantize=False))
+    assert not rel_close(z, rep0.encode(x), rtol=0.1)  # the same weights, the other space
+    y = rep_pre.decode(h)
+    assert rel_close(y, expected, rtol=1e-6)
+    # ``h`` fed to the decoder path without the projections is other audio (rtol as above).
+    assert not rel_close(rep0.decode(h), expected, rtol=1e-4)
+
+
+def test_latent_space_is_validated_and_named_in_the_store_meta(
+    rep0: MimiRepresentation, rep_pre: MimiRepresentation, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="latent_space"):
+        MimiRepresentation(pretrained=False, latent_space="codes")
+    for rep, space in ((rep0, "quantizer_output"), (rep_pre, "pre_quantizer")):
+        assert rep.latent_space == space and rep.weights["latent_space"] == space
+        assert f"latent_space={space}" in repr(rep)
+        root = tmp_path / space
+        with LatentStoreWriter(root, dim=rep.dim, meta=store_meta(rep)) as writer:
+            writer.add("u0", "s0", "train", rep.encode(PROBE)[0].T, torch.zeros(1))
+        assert LatentStore(root).meta["weights"]["latent_space"] == space
+
+
+def test_latent_space_comes_from_the_config(compose_cfg) -> None:
+    cfg = compose_cfg(["representation=mimi", "pretrained=false"])
+    assert cfg.representation.latent_space == "quantizer_output"
+    cfg = compose_cfg(
+        ["representation=mimi", "pretrained=false", "representation.latent_space=pre_quantizer"]
+    )
+    rep = instantiate(cfg.representation)
+    assert isinstance(rep, MimiRepresentation) and rep.latent_space == "pre_quantizer"
+    assert rep.weights["latent_space"] == "pre_quantizer"
 
 
 @pytest.mark.parametrize("split", [True, False])
@@ -181,6 +305,7 @@ def test_random_weights_are_deterministic_and_leave_the_global_rng_alone(
         "pretrained": False,
         "seed": 0,
         "init": "moshi.models.loaders.get_mimi(None)",
+        "latent_space": "quantizer_output",
     }
     assert torch.equal(again.encode(PROBE), rep0.encode(PROBE))
     assert not torch.equal(next(rep0.model.parameters()), stand_in.first_param)  # seed 1 differs
@@ -194,6 +319,7 @@ def test_pretrained_weights_load_from_the_hf_cache(offline_hf: Path, stand_in: S
         "pretrained": True,
         "sha256": stand_in.sha256,
         "revision": pointer.parent.name,
+        "latent_space": "quantizer_output",
     }
     assert torch.equal(rep.encode(PROBE), stand_in.probe_latents)
 
@@ -204,6 +330,7 @@ def test_pretrained_weights_load_from_a_checkpoint(offline_hf: Path, stand_in: S
         "source": str(stand_in.path.resolve()),
         "pretrained": True,
         "sha256": stand_in.sha256,
+        "latent_space": "quantizer_output",
     }
     assert torch.equal(rep.encode(PROBE), stand_in.probe_latents)
 

@@ -1,18 +1,29 @@
 """Kyutai's Mimi codec (``moshi`` package) as a continuous latent representation (DESIGN §7).
 
-Latents are Mimi's continuous pre-quantisation embedding, ``encode_to_latent(x, quantize=False)``:
-512-d at 12.5 Hz (one frame per 1920 samples of 24 kHz audio). Mimi is causal: ``encode`` zero-pads the
-signal at the end to a whole number of frames, so an ``S``-sample signal gives ``ceil(S / 1920)`` frames,
-and frame ``t`` depends only on samples before ``(t + 1) * 1920``. A batch of zero-padded signals
-therefore gives, cropped to each signal's own frame count, the same latents as encoding each alone.
+Latents are 512-d at 12.5 Hz (one frame per 1920 samples of 24 kHz audio), in one of two spaces chosen by
+``latent_space``:
 
-Decoding. moshi decodes integer codes (``quantizer.decode`` then :meth:`MimiModel.decode`). A continuous
-latent instead goes through the quantiser's bypass, the path Mimi's training forward takes when
-quantisation is skipped (``no_quantization_rate``): each of the two split quantisers
-(``rvq_first``, the semantic one, and ``rvq_rest``, the acoustic ones) maps ``z`` through
-``output_proj(input_proj(z))`` (512 -> 256 -> 512, bias-free 1x1 convolutions) and their outputs are
-summed. The result is upsampled to the encoder's 25 Hz, run through the decoder transformer and the
-SEANet decoder, exactly as :meth:`MimiModel.decode` treats ``quantizer.decode(codes)``.
+* ``quantizer_output`` (default, the reference study's space): the quantiser's output with the vector
+  quantisation skipped. Mimi's quantiser splits into ``rvq_first`` (the semantic codebook) and
+  ``rvq_rest`` (the acoustic ones), each mapping its input through ``input_proj`` (512 -> 256) then,
+  after quantising, ``output_proj`` (256 -> 512), both bias-free 1x1 convolutions; the split quantiser
+  returns the sum of the two. Without quantisation that is
+  ``z = rvq_first.output_proj(rvq_first.input_proj(h)) + rvq_rest.output_proj(rvq_rest.input_proj(h))``
+  (:func:`bypass_quantizer`) with ``h`` the pre-quantisation embedding below. ``z`` is what Mimi's decoder
+  path reads: decoding is upsampling to the encoder's 25 Hz, the decoder transformer and the SEANet
+  decoder, exactly what :meth:`MimiModel.decode` does after ``quantizer.decode(codes)``.
+* ``pre_quantizer``: the pre-quantisation embedding ``h = encode_to_latent(x, quantize=False)`` (SEANet
+  encoder, encoder transformer, downsampling to 12.5 Hz). Decoding maps ``h`` through the same quantiser
+  bypass first, then the decoder path.
+
+In both spaces ``decode(encode(x))`` is Mimi's training forward with quantisation skipped
+(``no_quantization_rate = 1``), before its crop to the input length. Mimi is causal: ``encode`` zero-pads the signal at the end to a whole number
+of frames, so an ``S``-sample signal gives ``ceil(S / 1920)`` frames, and frame ``t`` depends only on samples
+before ``(t + 1) * 1920`` (the bypass is frame-wise). A batch of zero-padded signals therefore gives, cropped
+to each signal's own frame count, the same latents as encoding each alone.
+
+The space is recorded in :attr:`MimiRepresentation.weights` (``latent_space``), which latent stores copy into
+their ``meta.json`` and extraction shards into their fingerprint.
 
 Both directions run in float32 under ``torch.no_grad`` (not ``inference_mode``: its tensors cannot be
 used by autograd later, and latents feed trainable models downstream).
@@ -31,7 +42,10 @@ from moshi.quantization import ResidualVectorQuantizer, SplitResidualVectorQuant
 
 from latentdyn.representations.weights import locate_pretrained, random_provenance, seeded_init
 
-__all__ = ["MimiRepresentation", "bypass_quantizer"]
+__all__ = ["LATENT_SPACES", "MimiRepresentation", "bypass_quantizer"]
+
+#: ``latent_space`` choices, the default first.
+LATENT_SPACES = ("quantizer_output", "pre_quantizer")
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +65,7 @@ def bypass_quantizer(quantizer: torch.nn.Module, z: torch.Tensor) -> torch.Tenso
 
 
 class MimiRepresentation(torch.nn.Module):
-    """Mimi's continuous pre-quantisation latents, ``(B, 512, T)`` at 12.5 Hz from 24 kHz audio.
+    """Mimi's continuous latents, ``(B, 512, T)`` at 12.5 Hz from 24 kHz audio (see the module docstring).
 
     Args:
         pretrained: load pretrained weights (from ``checkpoint``, else the HF hub); ``False`` builds the
@@ -61,8 +75,12 @@ class MimiRepresentation(torch.nn.Module):
         filename: weights file inside ``hf_repo``.
         device: where the model lives (it is always built on CPU, then moved).
         seed: seed of the random weights when ``pretrained`` is false.
+        latent_space: ``quantizer_output`` (the quantiser's output with quantisation skipped, which the decoder
+            reads directly) or ``pre_quantizer`` (the encoder's pre-quantisation embedding ``h``). Recorded in
+            :attr:`weights` as ``latent_space``.
 
     Raises:
+        ValueError: unknown ``latent_space``.
         FileNotFoundError: ``checkpoint`` is given but does not exist.
         WeightsUnavailableError: pretrained weights asked for, no ``checkpoint``, and the hub cannot supply
             them (offline and not cached, network error); raised before anything is built.
@@ -82,8 +100,14 @@ class MimiRepresentation(torch.nn.Module):
         filename: str = loaders.MIMI_NAME,
         device: str = "cpu",
         seed: int = 0,
+        latent_space: str = LATENT_SPACES[0],
     ) -> None:
         super().__init__()
+        if latent_space not in LATENT_SPACES:
+            raise ValueError(
+                f"representation.latent_space must be one of {LATENT_SPACES}, got {latent_space!r}"
+            )
+        self.latent_space = latent_space
         if pretrained:
             located = locate_pretrained(checkpoint=checkpoint, hf_repo=hf_repo, filename=filename)
             weights_path: str | None = str(located.path)
@@ -93,6 +117,8 @@ class MimiRepresentation(torch.nn.Module):
                 log.warning("representation.checkpoint=%s is ignored: pretrained=false", checkpoint)
             weights_path = None
             self.weights = random_provenance(seed, init="moshi.models.loaders.get_mimi(None)")
+        # Which space the latents are in: stores copy ``weights`` into their meta.json.
+        self.weights = {**self.weights, "latent_space": latent_space}
         with seeded_init(seed):
             try:
                 model = loaders.get_mimi(weights_path, device="cpu")
@@ -131,12 +157,15 @@ class MimiRepresentation(torch.nn.Module):
 
     @torch.no_grad()
     def encode(self, wave: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, S)`` audio -> ``(B, 512, ceil(S / 1920))`` float32 pre-quantisation latents."""
+        """``(B, 1, S)`` audio -> ``(B, 512, ceil(S / 1920))`` float32 latents in :attr:`latent_space`."""
         if wave.dim() != 3 or wave.shape[1] != 1 or wave.shape[-1] < 1:
             raise ValueError(f"expected audio of shape (B, 1, S >= 1), got {tuple(wave.shape)}")
         self._check_not_streaming()
         wave = wave.to(device=self.device, dtype=torch.float32)
-        return self.model.encode_to_latent(wave, quantize=False)
+        h = self.model.encode_to_latent(wave, quantize=False)
+        if self.latent_space == "pre_quantizer":
+            return h
+        return bypass_quantizer(self.model.quantizer, h)
 
     def synthesise(self, embedding: torch.Tensor) -> torch.Tensor:
         """Quantiser-output space ``(B, 512, T)`` -> ``(B, 1, T * 1920)`` audio: Mimi's decoder after the
@@ -148,18 +177,21 @@ class MimiRepresentation(torch.nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """``(B, 512, T)`` pre-quantisation latents -> ``(B, 1, T * 1920)`` float32 audio, unquantised.
+        """``(B, 512, T)`` latents in :attr:`latent_space` -> ``(B, 1, T * 1920)`` float32 audio, unquantised.
 
-        The latents go through the quantiser bypass (:func:`bypass_quantizer`) instead of codes.
+        ``quantizer_output`` latents go straight to the decoder path (:meth:`synthesise`); ``pre_quantizer``
+        ones go through the quantiser bypass (:func:`bypass_quantizer`) first.
         """
         if latents.dim() != 3 or latents.shape[1] != self.dim or latents.shape[2] < 1:
             raise ValueError(f"expected latents of shape (B, {self.dim}, T >= 1), got {tuple(latents.shape)}")
         self._check_not_streaming()
         z = latents.to(device=self.device, dtype=torch.float32)
-        return self.synthesise(bypass_quantizer(self.model.quantizer, z))
+        if self.latent_space == "pre_quantizer":
+            z = bypass_quantizer(self.model.quantizer, z)
+        return self.synthesise(z)
 
     def extra_repr(self) -> str:
         return (
             f"sample_rate={self.sample_rate}, frame_rate={self.frame_rate}, dim={self.dim}, "
-            f"weights={self.weights.get('source')}"
+            f"latent_space={self.latent_space}, weights={self.weights.get('source')}"
         )
