@@ -1,18 +1,30 @@
-"""Speaker-disjoint, gender-stratified, seed-deterministic splits and utterance filters."""
+"""Speaker-disjoint, gender-stratified, seed-deterministic splits, utterance filters, and the reference
+study's split (``data/split=reference``) checked against its own split files (tests/data/reference_splits)."""
 
 from __future__ import annotations
 
+import random
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra.utils import call
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from latentdyn.data.corpus import Utterance
-from latentdyn.data.splits import SPLITS, filter_utterances, speaker_splits
+from latentdyn.data.splits import (
+    SPLITS,
+    filter_utterances,
+    reference_splits,
+    speaker_splits,
+    stratified_splits,
+)
 from latentdyn.data.synthetic import SyntheticCorpus
+
+REFERENCE_DIR = Path(__file__).parent / "data" / "reference_splits"
 
 
 def _pool(n_male: int, n_female: int, n_unknown: int = 0, per_speaker: int = 3) -> list[Utterance]:
@@ -232,3 +244,153 @@ def test_filter_errors(kwargs, message: str) -> None:
     args = {"min_duration": None, "max_duration": None, "max_utts_per_speaker": None, "seed": 0} | kwargs
     with pytest.raises(ValueError, match=message):
         filter_utterances(_pool(1, 1), **args)
+
+
+def test_stratified_splits_is_filter_then_speaker_splits() -> None:
+    pool = _pool(6, 6, per_speaker=6)
+    settings = {"max_utts_per_speaker": 4, "min_duration": 2.0, "max_duration": 5.0, "seed": 3}
+    kept = filter_utterances(pool, **settings)
+    expected = speaker_splits(kept, n_speakers={"train": 6, "val": 2, "test": 2}, seed=3)
+    got = stratified_splits(pool, n_speakers={"train": 6, "val": 2, "test": 2}, **settings)
+    assert got == expected
+
+
+# --- data/split=reference: the reference study's train-clean-100 split ---------------------------------
+
+
+def _ids(name: str) -> list[str]:
+    return [line.strip() for line in (REFERENCE_DIR / name).read_text().splitlines() if line.strip()]
+
+
+def _reference_pool(duration: Callable[[str], float] = lambda utt_id: 10.0) -> list[Utterance]:
+    """Every utterance of train-clean-100 as the reference saw it (ids rebuilt from chapters.txt)."""
+    pool = []
+    for line in _ids("chapters.txt"):
+        speaker, chapter, n = line.split()
+        for i in range(int(n)):
+            utt_id = f"{speaker}-{chapter}-{i:04d}"
+            pool.append(
+                Utterance(
+                    utt_id=utt_id,
+                    speaker=speaker,
+                    path=f"/ls/train-clean-100/{speaker}/{chapter}/{utt_id}.flac",
+                    duration=duration(utt_id),
+                    sample_rate=16000,
+                    gender="F" if int(speaker) % 2 else "M",
+                    chapter=chapter,
+                    subset="train-clean-100",
+                )
+            )
+    return pool
+
+
+def _int_speakers(split: list[Utterance]) -> list[int]:
+    return sorted(int(s) for s in _speakers(split))
+
+
+def _varied_duration(utt_id: str) -> float:
+    """A deterministic spread of durations over 0.0 .. 5.9 s, with many exactly 3.0 s."""
+    _, chapter, index = utt_id.split("-")
+    return ((int(index) * 7 + int(chapter)) % 60) / 10
+
+
+@pytest.fixture(scope="module")
+def reference_pool() -> list[Utterance]:
+    return _reference_pool()
+
+
+def test_reference_split_reproduces_the_reference_files(reference_pool: list[Utterance]) -> None:
+    assert len(reference_pool) == 28539 and len({u.speaker for u in reference_pool}) == 251
+    splits = reference_splits(reference_pool)  # all 10 s long: the 3 s filter drops nothing
+    assert _int_speakers(splits["train"]) == [int(s) for s in _ids("train_speakers.txt")]
+    assert _int_speakers(splits["test"]) == [int(s) for s in _ids("eval_speakers.txt")]
+    assert [u.utt_id for u in splits["val"]] == _ids("train_utt_ids_val.txt")
+    # The reference's metadata.json: 22673 train-speaker utterances = 20406 + 2267 holdout; 5866 eval.
+    assert [len(splits[s]) for s in SPLITS] == [20406, 2267, 5866]
+    # Its procedure sorts int speaker ids; sorting the id strings would give another split.
+    by_string = sorted({u.speaker for u in reference_pool})
+    random.Random(42).shuffle(by_string)
+    assert sorted(int(s) for s in by_string[:200]) != _int_speakers(splits["train"])
+
+
+def test_reference_split_uses_only_its_subsets_and_any_input_order(reference_pool: list[Utterance]) -> None:
+    expected = reference_splits(reference_pool)
+    extra = [
+        Utterance(
+            f"{spk}-1-{i:04d}", str(spk), f"/ls/dev-clean/{spk}/{i}.flac", 10.0, 16000, "M", "1", "dev-clean"
+        )
+        for spk in (84, 174, 9999)
+        for i in range(3)
+    ]
+    shuffled = list(reversed(reference_pool)) + extra
+    random.Random(0).shuffle(shuffled)
+    assert reference_splits(shuffled) == expected
+    assert reference_splits(reference_pool) == expected  # deterministic
+    other = reference_splits(reference_pool, seed=43)
+    assert _speakers(other["train"]) != _speakers(expected["train"])
+
+
+def test_reference_split_min_duration_is_applied_after_the_holdout() -> None:
+    pool = _reference_pool(_varied_duration)
+    assert {u.duration for u in pool} >= {2.9, 3.0, 3.1}
+    unfiltered = reference_splits(pool, min_duration=None)
+    splits = reference_splits(pool)  # min_duration 3.0
+    for s in SPLITS:
+        assert splits[s] == [u for u in unfiltered[s] if u.duration >= 3.0]
+        assert all(u.duration >= 3.0 for u in splits[s])
+        assert any(u.duration == 3.0 for u in splits[s])  # inclusive bound, as in the reference
+    # The holdout is drawn before filtering, so it is the reference's holdout minus its short utterances.
+    assert {u.utt_id for u in splits["val"]} <= set(_ids("train_utt_ids_val.txt"))
+
+
+def test_reference_split_is_speaker_disjoint_between_train_and_test(reference_pool: list[Utterance]) -> None:
+    splits = reference_splits(reference_pool)
+    train, val, test = (_speakers(splits[s]) for s in SPLITS)
+    assert not (train | val) & test
+    assert val <= train  # the holdout is utterance-level within the train speakers
+    assert not {u.utt_id for u in splits["train"]} & {u.utt_id for u in splits["val"]}
+    assert len(train) == 200 and len(test) == 51
+    for s in SPLITS:
+        assert [u.utt_id for u in splits[s]] == sorted(u.utt_id for u in splits[s])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_train_speakers": 250}, "not enough speakers: the pool has 251, the split needs 301"),
+        ({"subsets": ["train-clean-360"]}, "no utterances of subsets \\['train-clean-360'\\]"),
+        ({"utt_holdout_frac": 1.0}, "utt_holdout_frac"),
+        ({"n_eval_speakers": 0}, ">= 1"),
+        ({"min_duration": -1.0}, ">= 0"),
+    ],
+)
+def test_reference_split_errors(reference_pool: list[Utterance], kwargs, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        reference_splits(reference_pool, **kwargs)
+
+
+def test_split_presets_compose_and_call(compose_cfg: Callable, reference_pool: list[Utterance]) -> None:
+    cfg = compose_cfg(["data=librispeech", "data/split=reference"])
+    assert cfg.data.split._target_ == "latentdyn.data.splits.reference_splits"
+    assert list(cfg.data.split.subsets) == ["train-clean-100"]
+    assert (cfg.data.split.n_train_speakers, cfg.data.split.n_eval_speakers) == (200, 51)
+    assert (cfg.data.split.seed, cfg.data.split.min_duration) == (42, 3.0)
+    assert call(cfg.data.split, reference_pool) == reference_splits(reference_pool)
+
+    # The default for both corpora is the stratified split with today's settings.
+    cfg = compose_cfg(["data=librispeech"])
+    assert cfg.data.split._target_ == "latentdyn.data.splits.stratified_splits"
+    assert call(cfg.data.split, reference_pool) == stratified_splits(
+        reference_pool,
+        n_speakers={"train": 40, "val": 10, "test": 10},
+        max_utts_per_speaker=50,
+        min_duration=1.0,
+        max_duration=20.0,
+        seed=0,
+    )
+    cfg = compose_cfg(["data=synthetic"])
+    assert cfg.data.split._target_ == "latentdyn.data.splits.stratified_splits"
+    assert cfg.data.split.min_duration is None and cfg.data.split.max_utts_per_speaker is None
+    pool = _pool(12, 12)
+    expected = speaker_splits(pool, n_speakers={"train": 18, "val": 3, "test": 3}, seed=0)
+    assert call(cfg.data.split, pool) == expected

@@ -1,13 +1,23 @@
-"""Speaker-disjoint train/val/test splits, stratified by gender, deterministic for a seed.
+"""Speaker-disjoint train/val/test splits, deterministic for a seed.
 
-Used for every corpus (synthetic, LibriSpeech). Results never depend on the order of the input
-utterances: speakers and utterances are sorted before any seeded random choice.
+Two procedures, each a function ``(utts, **settings) -> {split: utterances}`` chosen by the
+``_target_`` of the ``data/split`` config group (``hydra.utils.call(cfg.data.split, utts)``):
+
+- :func:`stratified_splits` (``data/split=stratified``, the default for every corpus): duration and
+  per-speaker filters, then speaker-disjoint train/val/test stratified by gender;
+- :func:`reference_splits` (``data/split=reference``): the reference study's LibriSpeech
+  train-clean-100 split (200 train / 51 eval speakers, seed 42, 10 % utterance holdout, >= 3 s).
+
+Results never depend on the order of the input utterances: speakers and utterances are sorted
+before any seeded random choice.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+import random
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -15,6 +25,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from latentdyn.data.corpus import Utterance
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 #: Gender labels that form their own stratum; anything else is pooled as unknown ("U").
@@ -227,3 +239,129 @@ def speaker_splits(
         if split is not None:
             out[split].append(u)
     return out
+
+
+def _plain_mapping(value: Mapping[str, float] | None) -> dict[str, float] | None:
+    """A mapping (possibly a DictConfig passed through ``hydra.utils.call``) as a plain dict."""
+    return None if value is None else {str(k): v for k, v in value.items()}
+
+
+def stratified_splits(
+    utts: Sequence[Utterance],
+    *,
+    n_speakers: Mapping[str, int] | None = None,
+    fractions: Mapping[str, float] | None = None,
+    stratify_by_gender: bool = True,
+    max_utts_per_speaker: int | None = None,
+    min_duration: float | None = None,
+    max_duration: float | None = None,
+    seed: int = 0,
+) -> dict[str, list[Utterance]]:
+    """The default split (``data/split=stratified``): :func:`filter_utterances`, then :func:`speaker_splits`.
+
+    ``seed`` seeds both the per-speaker utterance subsets and the speaker assignment; see those
+    functions for every argument and error.
+    """
+    kept = filter_utterances(
+        utts,
+        min_duration=min_duration,
+        max_duration=max_duration,
+        max_utts_per_speaker=max_utts_per_speaker,
+        seed=seed,
+    )
+    return speaker_splits(
+        kept,
+        n_speakers=_plain_mapping(n_speakers),
+        fractions=_plain_mapping(fractions),
+        seed=seed,
+        stratify_by_gender=stratify_by_gender,
+    )
+
+
+def _speaker_sort_key(speaker: str) -> tuple[int, int, str]:
+    """Numeric ids in numeric order (as the reference sorts its ``int`` speaker ids), then the rest."""
+    return (0, int(speaker), speaker) if speaker.isdigit() else (1, 0, speaker)
+
+
+def reference_splits(
+    utts: Sequence[Utterance],
+    *,
+    subsets: Sequence[str] | None = ("train-clean-100",),
+    n_train_speakers: int = 200,
+    n_eval_speakers: int = 51,
+    utt_holdout_frac: float = 0.1,
+    min_duration: float | None = 3.0,
+    seed: int = 42,
+) -> dict[str, list[Utterance]]:
+    """The reference study's split (``data/split=reference``), reproduced exactly.
+
+    Reference: github.com/rtavasso/audioEngram ``src/phase0/data/splits.py`` (``create_speaker_splits``,
+    ``create_utterance_splits``) with ``configs/phase0.yaml``; its own output lists are the test oracle.
+
+    1. The pool is the utterances of ``subsets`` (``Utterance.subset``; ``None``: all). The reference
+       uses LibriSpeech train-clean-100 only, whose 251 speakers are all used by 200 + 51.
+    2. Speaker ids sorted *numerically* (the reference sorts ``int`` ids; a string sort gives another
+       split), shuffled in place by ``random.Random(seed).shuffle``; the first ``n_train_speakers``
+       are train, the next ``n_eval_speakers`` eval (here ``test``). Any further speakers are unused.
+    3. All utterances of the train speakers, sorted by ``utt_id``, shuffled by a fresh
+       ``random.Random(seed).shuffle``; the first ``int(n * utt_holdout_frac)`` are the reference's
+       ``train_utt_ids_val`` (here ``val``, the same speakers as train), the rest ``train``.
+    4. Only then are utterances shorter than ``min_duration`` seconds dropped from every split (the
+       reference makes its split files over all utterances and applies ``min_duration_sec`` when it
+       infers latents and builds frames), so the holdout is exactly the reference's, filtered.
+
+    Returns:
+        ``{split: utterances sorted by utt_id}`` for every name in :data:`SPLITS`; ``train`` and
+        ``val`` share speakers, ``test`` is speaker-disjoint from both.
+
+    Raises:
+        ValueError: bad settings, no utterance in ``subsets``, or fewer speakers than
+            ``n_train_speakers + n_eval_speakers``.
+    """
+    if n_train_speakers < 1 or n_eval_speakers < 1:
+        raise ValueError(
+            f"n_train_speakers and n_eval_speakers must be >= 1, got {n_train_speakers} and {n_eval_speakers}"
+        )
+    if not 0.0 <= utt_holdout_frac < 1.0:
+        raise ValueError(f"utt_holdout_frac must be in [0, 1), got {utt_holdout_frac}")
+    if min_duration is not None and min_duration < 0:
+        raise ValueError(f"min_duration must be >= 0 seconds, got {min_duration}")
+    wanted = None if subsets is None else {str(s) for s in subsets}
+    pool = [u for u in utts if wanted is None or u.subset in wanted]
+    if not pool:
+        found = sorted({u.subset for u in utts})
+        raise ValueError(
+            f"no utterances of subsets {sorted(wanted or [])} among {len(utts)} (their subsets: {found}); "
+            "the reference split needs LibriSpeech train-clean-100 in data.corpus.subsets"
+        )
+
+    speakers = sorted({u.speaker for u in pool}, key=_speaker_sort_key)
+    n_needed = n_train_speakers + n_eval_speakers
+    if len(speakers) < n_needed:
+        raise ValueError(f"not enough speakers: the pool has {len(speakers)}, the split needs {n_needed}")
+    if len(speakers) > n_needed:
+        log.warning(
+            "reference split: %d of %d speakers are left out (the reference pool is train-clean-100's 251)",
+            len(speakers) - n_needed,
+            len(speakers),
+        )
+    random.Random(seed).shuffle(speakers)
+    train_speakers = set(speakers[:n_train_speakers])
+    test_speakers = set(speakers[n_train_speakers:n_needed])
+
+    ordered = sorted(pool, key=lambda u: u.utt_id)
+    # The shuffle's permutation depends only on the list's length, so shuffling utterances sorted by
+    # utt_id equals the reference's shuffle of the sorted id strings.
+    train = [u for u in ordered if u.speaker in train_speakers]
+    random.Random(seed).shuffle(train)
+    n_val = int(len(train) * utt_holdout_frac)
+    parts = {
+        "train": train[n_val:],
+        "val": train[:n_val],
+        "test": [u for u in ordered if u.speaker in test_speakers],
+    }
+
+    def keep(u: Utterance) -> bool:
+        return min_duration is None or u.duration >= min_duration
+
+    return {s: sorted((u for u in parts[s] if keep(u)), key=lambda u: u.utt_id) for s in SPLITS}
