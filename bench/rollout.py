@@ -1,8 +1,11 @@
 """Benchmark: the batched injection diagnostic against a per-start-point, per-mode Python loop.
 
-Both run the same random MLP dynamics model (protocol-conformant, diagonal Gaussian predictive) on the same GT
-segments and bank, mean prediction, CPU float32. Prints both wall times, the speed-up, and the largest absolute
-difference of the per-step metrics (must be <= 1e-5). Usage: ``uv run python bench/rollout.py [--starts 256]``.
+Both roll out the same random MLP-backed ``DynamicsNet`` (MDN or vMF × LogNormal head, ``horizon_mode=lag``) from
+the same GT segments (random walks) with the same fitted baseline and nearest-neighbour bank, median prediction,
+reset=frame, CPU float32, all four modes (B injects after 4, 8, 12; C after 1). The loop follows the reference's
+semantics (``src/phase1/injection_diag.py``) and shares no code with the engine. Prints both wall times, the
+speed-up and the largest difference of the per-step metrics. Usage:
+``uv run python bench/rollout.py [--starts 128] [--head mdn|vmf] [--k 1]``.
 """
 
 from __future__ import annotations
@@ -14,76 +17,64 @@ import time
 import numpy as np
 import torch
 
-from latentdyn.diagnostics.injection import METRICS, InjectionConfig, injection_schedule, run_injection
+from latentdyn.diagnostics.injection import METRICS, MODES, InjectionConfig, run_injection
+from latentdyn.models.net import DynamicsNet
 
-LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-
-
-class GaussianPredictive:
-    """Diagonal Gaussian over deltas ``(B, D)``."""
-
-    def __init__(self, mean: torch.Tensor, scale: torch.Tensor) -> None:
-        self._mean, self._scale = mean, scale
-
-    def log_prob(self, delta: torch.Tensor) -> torch.Tensor:
-        z = (delta - self._mean) / self._scale
-        return (-0.5 * z**2 - self._scale.log() - LOG_SQRT_2PI).sum(-1)
-
-    def mean(self) -> torch.Tensor:
-        return self._mean
-
-    def sample(self, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self._mean.shape, generator=generator, dtype=self._mean.dtype)
-        return self._mean + temperature * self._scale * noise
+HEADS = {"mdn": "latentdyn.models.heads.GaussianMDNHead", "vmf": "latentdyn.models.heads.VMFLogNormalHead"}
+#: Largest allowed |batched - loop| / max(1, |loop|) (float32, batched against one-row matmuls).
+TOLERANCE = 1e-5
 
 
-class MLPModel(torch.nn.Module):
-    """A random MLP over the flattened ``(W, D)`` window -> Gaussian delta (context-dependent spread)."""
+def reference_loop(
+    model: DynamicsNet, segments: torch.Tensor, cfg: InjectionConfig, baseline, bank: torch.Tensor | None
+) -> dict[str, np.ndarray]:
+    """One mode and one start at a time, the reference's window rule -> metric ``(M, N, K)``.
 
-    def __init__(self, dim: int, context: int, horizon: int, hidden: int) -> None:
-        super().__init__()
-        self.dim, self.context, self.horizon, self.context_stride = dim, context, horizon, horizon
-        self.body = torch.nn.Sequential(
-            torch.nn.Linear(context * dim, hidden),
-            torch.nn.GELU(),
-            torch.nn.Linear(hidden, hidden),
-            torch.nn.GELU(),
-        )
-        self.head = torch.nn.Linear(hidden, 2 * dim)
-
-    def predictive(self, context: torch.Tensor) -> GaussianPredictive:
-        loc, raw = self.head(self.body(context.flatten(1))).chunk(2, dim=-1)
-        return GaussianPredictive(0.5 * torch.tanh(loc), torch.nn.functional.softplus(raw) + 0.1)
-
-
-def run_injection_loop_reference(model, segments, cfg, bank) -> dict[str, np.ndarray]:
-    """One start point and one mode at a time on full-resolution frames (mean prediction) -> metric (M, N, H)."""
-    w, k, dim = model.context, model.horizon, model.dim
-    n, horizon = segments.shape[0], cfg.horizon
-    out = {name: np.zeros((len(cfg.modes), n, horizon)) for name in METRICS}
-    for m, mode in enumerate(cfg.modes):
-        schedule = injection_schedule(mode, horizon, cfg.period, cfg.inject_step)
-        for i in range(n):
-            gt = segments[i]
-            buffer = gt.clone()
-            for s in range(horizon):
-                p = (w - 1) * k + s * k
-                positions = torch.arange(p - (w - 1) * k, p + 1, k)
-                if schedule[s]:
-                    buffer[positions] = gt[positions]
-                with torch.no_grad():
-                    dist = model.predictive(buffer[positions][None])
-                    target = gt[p + k]
-                    nll = -dist.log_prob((target - buffer[p])[None])[0] / dim
-                    pred = buffer[p] + dist.mean()[0]
-                buffer[p + k] = pred
-                out["mse"][m, i, s] = float(((pred - target) ** 2).mean())
-                out["cosine"][m, i, s] = float(torch.dot(pred, target) / (pred.norm() * target.norm()))
-                out["nll"][m, i, s] = float(nll)
-                out["norm_ratio"][m, i, s] = float(pred.norm() / target.norm())
-                out["manifold_dist"][m, i, s] = (
-                    float((bank - pred).norm(dim=1).min()) if bank is not None else math.nan
-                )
+    Segment frame ``t0 = W + k - 1`` is the first rolled frame. The window starts as the GT frames ending at
+    ``t0 - k``; step ``s`` (frame ``t = t0 + s - 1``) scores the true delta ``x[t] - x[t-1]``, then the state
+    advances by the median ``Δ̂`` (GT under teacher forcing or after an injection). After step ``s`` the frame
+    appended to the window is GT when ``s < k`` or teacher forcing, else the believed state of step ``s - k + 1``.
+    """
+    w, k, k_steps = model.context, model.horizon, cfg.k_steps
+    t0 = w + k - 1
+    n = segments.shape[0]
+    inject_after = {
+        "A_teacher": set(range(1, k_steps + 1)),
+        "B_periodic": set(cfg.inject_after_periodic),
+        "C_one_shot": set(cfg.inject_after_one_shot),
+        "D_rollout": set(),
+    }
+    out = {name: np.full((len(cfg.modes), n, k_steps), math.nan) for name in METRICS}
+    with torch.no_grad():
+        for m, mode in enumerate(cfg.modes):
+            teacher = mode == "A_teacher"
+            for j in range(n):
+                x = segments[j]
+                window = [x[f] for f in range(t0 - k - w + 1, t0 - k + 1)]
+                x_prev = x[t0 - 1]
+                believed: list[torch.Tensor] = []
+                for s in range(1, k_steps + 1):
+                    t = t0 + s - 1
+                    dx = x[t] - x[t - 1]
+                    dist = model.predictive(torch.stack(window)[None])
+                    nll = -float(dist.log_prob(dx[None])[0])
+                    dx_hat = dist.median()[0]
+                    nll_b = -float(baseline.log_prob(dx[None])[0])
+                    p_norm, y_norm = max(float(dx_hat.norm()), 1e-8), max(float(dx.norm()), 1e-8)
+                    x_pred = x_prev + dx_hat
+                    x_curr = x[t] if teacher or s in inject_after[mode] else x_pred
+                    r = (m, j, s - 1)
+                    out["nll"][r], out["nll_baseline"][r], out["dnll"][r] = nll, nll_b, nll - nll_b
+                    out["cos"][r] = float(torch.dot(dx_hat, dx)) / (p_norm * y_norm)
+                    out["mag_ratio"][r] = p_norm / y_norm
+                    out["state_err"][r] = out["state_err_raw"][r] = float((x_prev - x[t - 1]).norm())
+                    out["mse"][r] = float((x_pred - x[t]).square().mean())
+                    if bank is not None:
+                        out["manifold_dist"][r] = float((bank - x_pred).norm(dim=1).min())
+                    believed.append(x_curr)
+                    x_prev = x_curr
+                    if s < k_steps:
+                        window = [*window[1:], x[t0 + s - k] if teacher or s < k else believed[s - k]]
     return out
 
 
@@ -91,9 +82,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--context", type=int, default=8)
-    parser.add_argument("--k", type=int, default=1, help="model horizon = context stride (frames)")
-    parser.add_argument("--starts", type=int, default=256)
-    parser.add_argument("--horizon", type=int, default=32)
+    parser.add_argument("--k", type=int, default=1, help="context lag (horizon_mode=lag)")
+    parser.add_argument("--head", choices=sorted(HEADS), default="mdn")
+    parser.add_argument("--starts", type=int, default=128)
+    parser.add_argument("--k-steps", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--bank", type=int, default=2048, help="bank size (0: no manifold distance)")
     parser.add_argument(
@@ -106,40 +98,56 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = MLPModel(args.dim, args.context, args.k, args.hidden).eval()
-    length = (args.context - 1) * args.k + 1 + args.horizon * args.k
+    head = {"_target_": HEADS[args.head]}
+    if args.head == "mdn":
+        head["n_components"] = 4
+    model = DynamicsNet(
+        args.dim,
+        args.context,
+        args.k,
+        {"_target_": "latentdyn.models.backbones.MLPBackbone", "hidden": args.hidden, "layers": 2},
+        head,
+        horizon_mode="lag",
+    ).eval()
+    length = args.context + args.k - 1 + args.k_steps
     segments = torch.randn(args.starts, length, args.dim).cumsum(dim=1) * 0.2
+    baseline = model.baseline.fit([(segments[:, 1:] - segments[:, :-1]).reshape(-1, args.dim)])
     bank = torch.randn(args.bank, args.dim) if args.bank else None
-    cfg = InjectionConfig(
-        horizon=args.horizon, n_starts=args.starts, period=8, inject_step=16, bank_size=args.bank
-    )
+    cfg = InjectionConfig(k_steps=args.k_steps, bank_size=args.bank, predict="median", reset="frame")
 
-    run_injection(model, segments[:4], cfg, bank)  # warm-up
+    run_injection(model, segments[:4], cfg, baseline, bank)  # warm-up
     t0 = time.perf_counter()
-    batched = run_injection(model, segments, cfg, bank)
+    batched = run_injection(model, segments, cfg, baseline, bank)
     t_batched = time.perf_counter() - t0
     t0 = time.perf_counter()
-    reference = run_injection_loop_reference(model, segments, cfg, bank)
+    reference = reference_loop(model, segments, cfg, baseline, bank)
     t_loop = time.perf_counter() - t0
 
-    diffs = {name: float(np.max(np.abs(batched.per_start[name] - reference[name]))) for name in METRICS}
-    max_diff = (
-        max(diffs.values()) if bank is not None else max(v for k, v in diffs.items() if k != "manifold_dist")
-    )
+    names = [name for name in METRICS if bank is not None or name != "manifold_dist"]
+    abs_diff = {name: float(np.max(np.abs(batched.per_start[name] - reference[name]))) for name in names}
+    rel_diff = {
+        name: float(
+            np.max(
+                np.abs(batched.per_start[name] - reference[name]) / np.maximum(1.0, np.abs(reference[name]))
+            )
+        )
+        for name in names
+    }
+    max_rel = max(rel_diff.values())
+    rows = len(cfg.modes) * args.starts
     print(
-        f"injection diagnostic: D={args.dim} W={args.context} k={args.k} starts={args.starts} H={args.horizon} "
-        f"modes={len(cfg.modes)} bank={args.bank} threads={torch.get_num_threads()} (CPU float32, mean prediction)"
+        f"injection diagnostic: {args.head} head, D={args.dim} W={args.context} k={args.k} starts={args.starts} "
+        f"K={args.k_steps} modes={len(MODES)} bank={args.bank} threads={torch.get_num_threads()} "
+        "(CPU float32, median prediction, reset=frame)"
     )
-    print(
-        f"batched  : {t_batched * 1e3:9.1f} ms  ({args.horizon} predictive calls of {len(cfg.modes) * args.starts} rows)"
-    )
-    print(
-        f"per-start: {t_loop * 1e3:9.1f} ms  ({len(cfg.modes) * args.starts * args.horizon} predictive calls of 1 row)"
-    )
+    print(f"batched  : {t_batched * 1e3:9.1f} ms  ({args.k_steps} predictive calls of {rows} rows)")
+    print(f"per-start: {t_loop * 1e3:9.1f} ms  ({rows * args.k_steps} predictive calls of 1 row)")
     print(f"speed-up : {t_loop / t_batched:9.1f}x  (target >= 20x)")
-    print("max |batched - loop| per metric: " + ", ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
-    print(f"max abs difference: {max_diff:.2e}  (must be <= 1e-5)")
-    if not max_diff <= 1e-5:
+    print("max |batched - loop| per metric: " + ", ".join(f"{k}={v:.1e}" for k, v in abs_diff.items()))
+    print(
+        f"max relative difference |batched - loop| / max(1, |loop|): {max_rel:.1e}  (must be <= {TOLERANCE:.0e})"
+    )
+    if not max_rel <= TOLERANCE:
         raise SystemExit("batched rollout disagrees with the per-start loop")
 
 

@@ -54,3 +54,26 @@ def test_run_id_is_stable_within_a_process(compose_cfg) -> None:
     a = compose_cfg(["experiment=phase0"]).run_id
     b = compose_cfg(["experiment=phase0"]).run_id
     assert a == b and len(a) == len("2026-01-01_00-00-00_000000")
+
+
+def test_setup_reference_composes_the_reference_study(compose_cfg) -> None:
+    """One switch: LibriSpeech train-clean-100 with the reference split, Mimi's quantiser-output latents, the
+    lag sample on raw latents with W = 8; command-line groups still win over it."""
+    cfg = compose_cfg(["experiment=exp1_vmf", "setup=reference"])
+    assert cfg.data.name == "librispeech" and list(cfg.data.corpus.subsets) == ["train-clean-100"]
+    assert cfg.data.split._target_.endswith("reference_splits")
+    assert cfg.representation._target_.endswith("MimiRepresentation")
+    assert cfg.representation.latent_space == "quantizer_output"
+    assert (cfg.horizon_mode, cfg.standardize, cfg.predict, cfg.model.context) == ("lag", False, "median", 8)
+    offline = compose_cfg(["experiment=exp1_vmf"])
+    assert offline.data.name == "synthetic" and offline.representation._target_.endswith("MelRepresentation")
+    chosen = compose_cfg(["experiment=exp1_vmf", "setup=reference", "representation=encodec"])
+    assert chosen.representation._target_.endswith("EncodecRepresentation")
+
+
+def test_data_provenance_names_corpus_subsets_and_split(compose_cfg) -> None:
+    from latentdyn.pipeline.store import data_provenance
+
+    assert data_provenance(compose_cfg(["experiment=phase0"]))["label"] == "synthetic/stratified"
+    reference = data_provenance(compose_cfg(["experiment=phase0", "setup=reference"]))
+    assert reference["label"] == "librispeech:train-clean-100/reference"

@@ -18,8 +18,10 @@ from latentdyn.models.distributions import (
     LogNormalMagnitude,
     VonMisesFisher,
     delta_log_prob,
+    log_sphere_area,
     lognormal_log_prob,
     mdn_scales,
+    soft_clamp,
     vmf_log_normalizer,
     vmf_log_prob,
     vmf_mean_resultant_length,
@@ -556,3 +558,102 @@ def test_mdn_scale_floor_is_nan_free() -> None:
         assert torch.isfinite(t.grad).all()
     with pytest.raises(ValueError, match="scales"):
         DiagonalGaussianMixture(logits, means, torch.zeros(4, 3, 8), validate_args=True)
+
+
+# --------------------------------------------------------------------------------------------
+# soft_clamp and log |S^{D-1}|
+# --------------------------------------------------------------------------------------------
+
+LO, HI = -2.0, 12.0  # the vMF head's log κ range
+
+
+def mp_soft_clamp(x: float, lo: float, hi: float) -> tuple[float, float]:
+    """``lo + log(1 + e^{x-lo}) - log(1 + e^{x-hi})`` and its derivative ``σ(x-lo) - σ(x-hi)``, 50 digits."""
+    with mpmath.workdps(50):
+        x, lo, hi = mpmath.mpf(x), mpmath.mpf(lo), mpmath.mpf(hi)
+        value = lo + mpmath.log1p(mpmath.exp(x - lo)) - mpmath.log1p(mpmath.exp(x - hi))
+        grad = 1 / (1 + mpmath.exp(lo - x)) - 1 / (1 + mpmath.exp(hi - x))
+        return float(value), float(grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, f64], ids=str)
+def test_soft_clamp_is_nearly_the_identity_inside(dtype: torch.dtype) -> None:
+    x = torch.linspace(LO + 6, HI - 6, 101, dtype=dtype)
+    margin = torch.minimum(x - LO, HI - x)
+    # soft_clamp(x) - x = softplus(lo - x) - softplus(x - hi), each at most e^{-margin}
+    assert torch.all((soft_clamp(x, LO, HI) - x).abs() <= 2 * torch.exp(-margin) + 1e-5)
+    with pytest.raises(ValueError):
+        soft_clamp(x, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, f64], ids=str)
+@pytest.mark.parametrize(
+    "region",
+    [
+        pytest.param((LO - 200, HI + 5), id="below-and-inside"),
+        pytest.param((HI, HI + 200), id="above"),
+    ],
+)
+def test_soft_clamp_is_monotone_within_its_bounds_and_matches_mpmath(
+    dtype: torch.dtype, region: tuple[float, float]
+) -> None:
+    """Values stay in [lo, hi] and never decrease (the naive form overshoots hi by an ulp above it and is not
+    monotone there: float32 from x ≈ hi + 18, float64 from x ≈ hi + 50)."""
+    x = torch.linspace(*region, 4001, dtype=dtype)
+    y = soft_clamp(x, LO, HI)
+    ref = np.array([mp_soft_clamp(v, LO, HI)[0] for v in x.double().tolist()[::40]])
+    np.testing.assert_allclose(y.double().numpy()[::40], ref, rtol=0, atol=1e-5)
+    assert torch.all((y >= LO) & (y <= HI)) and torch.all(torch.diff(y) >= 0)
+
+
+HUGE = [1e3, 1e6, 1e8, 1e12, 1e30]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "magnitude"),
+    [pytest.param(dt, m) for dt in (torch.float32, f64) for m in HUGE],
+    ids=lambda v: str(v),
+)
+def test_soft_clamp_saturates_at_its_bounds_for_huge_inputs(dtype: torch.dtype, magnitude: float) -> None:
+    y = soft_clamp(torch.tensor([magnitude, -magnitude], dtype=dtype), LO, HI)
+    assert torch.isfinite(y).all() and torch.all((y >= LO) & (y <= HI))
+    assert y[0].item() == pytest.approx(HI, abs=1e-5) and y[1].item() == pytest.approx(LO, abs=1e-5)
+
+
+_GRAD_POINTS = [LO - 50, LO - 30, LO - 10, LO, 0.5 * (LO + HI), HI, HI + 10, HI + 30, HI + 50]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, f64], ids=str)
+@pytest.mark.parametrize(
+    "x",
+    _GRAD_POINTS,
+)
+def test_soft_clamp_gradient_is_positive_outside_the_bounds(dtype: torch.dtype, x: float) -> None:
+    """Unlike a hard clamp (gradient 0 outside [lo, hi]) the gradient σ(x-lo) - σ(x-hi) stays > 0: 50 nats past
+    a bound it is ~e^{-50} ≈ 2e-22, representable in float32."""
+    t = torch.tensor([x], dtype=dtype, requires_grad=True)
+    (grad,) = torch.autograd.grad(soft_clamp(t, LO, HI).sum(), t)
+    _, ref = mp_soft_clamp(x, LO, HI)
+    assert 0.0 < grad.item() <= 1.0
+    assert grad.item() == pytest.approx(ref, rel=1e-2 if dtype == torch.float32 else 1e-6)
+
+
+def test_hard_clamp_comparison_has_no_gradient_outside() -> None:
+    """The failure mode soft_clamp exists to avoid (the reference's clamps): zero gradient past the bounds."""
+    t = torch.tensor([LO - 5, HI + 5], requires_grad=True)
+    (grad,) = torch.autograd.grad(t.clamp(LO, HI).sum(), t)
+    assert torch.equal(grad, torch.zeros(2))
+    (soft,) = torch.autograd.grad(soft_clamp(t, LO, HI).sum(), t)
+    assert torch.all(soft > 0)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3, 4, 7, 64, 512])
+def test_log_sphere_area_matches_gamma_formula(dim: int) -> None:
+    # |S^{D-1}| = 2 π^{D/2} / Γ(D/2): 2 points (D=1), 2π (D=2), 4π (D=3), 2π² (D=4).
+    expected = math.log(2.0) + 0.5 * dim * math.log(math.pi) - scipy.special.gammaln(0.5 * dim)
+    assert log_sphere_area(dim) == pytest.approx(expected, rel=1e-13, abs=1e-13)
+    known = {1: 2.0, 2: 2 * math.pi, 3: 4 * math.pi, 4: 2 * math.pi**2}
+    if dim in known:
+        assert log_sphere_area(dim) == pytest.approx(math.log(known[dim]), rel=1e-14)
+    with pytest.raises(ValueError):
+        log_sphere_area(0)

@@ -21,13 +21,13 @@ def test_quickstart_smoke_end_to_end(tmp_path: Path) -> None:
         assert info["status"] == "completed" and info["parent_run_id"] == "qs"
         assert (run_dir / sub / "config.yaml").is_file() and (run_dir / sub / "run.log").is_file()
     assert (run_dir / "exp1_vmf" / "checkpoints" / "vmf_k1_final.ckpt").is_file()
-    assert (run_dir / "exp2_injection" / "injection_mse.png").is_file()
+    assert (run_dir / "exp2_injection" / "injection_dnll.png").is_file()
     statuses = [(r["run_id"], r["status"]) for r in manifest_lines(tmp_path)]
     for run_id in ("qs", "qs/phase0", "qs/exp1_vmf", "qs/exp2_injection"):
         assert (run_id, "started") in statuses and (run_id, "completed") in statuses
 
     results = run_cli(["--latest"], tmp_path, module="latentdyn.tracking.results")
-    assert "qs/exp2_injection" in results.stdout and "D_rollout/auc_mse" in results.stdout
+    assert "qs/exp2_injection" in results.stdout and "D_rollout/dnll" in results.stdout
     assert (tmp_path / "outputs" / "results_table.csv").is_file()
 
 
@@ -94,11 +94,11 @@ def test_every_tier1_and_audio_experiment_runs_from_the_cli_under_smoke(tmp_path
     smoke = ["debug=smoke"]
     steps = [
         ["experiment=exp1_vmf", "horizons=[1]"],
-        ["experiment=exp1b_vmf_rollout", "checkpoint=latest", "rollout.steps=2", "trainer.max_steps=6"],
+        ["experiment=exp1b_vmf_rollout", "checkpoint=latest", "rollout.k_steps=2", "trainer.max_steps=6"],
         ["experiment=exp2_injection", "checkpoint=latest:exp1b_vmf_rollout"],
         ["experiment=exp7_perceptual_rollout", "checkpoint=latest", "rollout_lengths=[1,2]"],
         ["experiment=exp3b_synthetic_audio"],
-        ["experiment=exp4_linear_readout", "pca.dims=[4]"],
+        ["experiment=exp4_linear_readout", "pca.dims=[4]", "horizons=[1]"],
     ]
     for args in steps:
         run_cli([*args, *smoke], tmp_path)

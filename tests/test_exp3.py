@@ -47,6 +47,7 @@ def test_exp3_smoke_summarises_each_representation(compose_cfg) -> None:
             "debug=smoke",
             "logger=none",
             "representations=[mel,encodec]",
+            "horizons_in=seconds",
             "horizon_seconds=[0.08]",
             "battery.slices=[all]",
         ]
@@ -60,7 +61,18 @@ def test_exp3_smoke_summarises_each_representation(compose_cfg) -> None:
         assert all(int(r["horizon_frames"]) == k and float(r["frame_rate"]) == fr for r in battery)
         injection = [r for r in rows if r["representation"] == rep and r["slice"] == "injection"]
         assert {r["mode"] for r in injection} == {"A_teacher", "B_periodic", "C_one_shot", "D_rollout"}
-        assert all(int(r["injection_steps"]) == round(2.56 * fr) for r in injection)
-        assert f"{rep}/D_rollout/divergence_time_s" in metrics
+        assert all(int(r["k_steps"]) == cfg.diagnostic.k_steps for r in injection)
+        assert f"{rep}/D_rollout/dnll" in metrics and f"{rep}/k{k}/dnll" in metrics
         assert (Path(cfg.run_dir) / rep / "injection" / "per_step.csv").is_file()
     assert (Path(cfg.run_dir) / "injection_diag.json").is_file()
+
+
+def test_exp3_defaults_follow_the_reference(compose_cfg) -> None:
+    """The reference's Exp 3: the Phase 1 MDN, k in {1, 2, 4, 8} frames, W = 8 for both codecs, 15k steps."""
+    cfg = compose_cfg(["experiment=exp3_rep_compare"])
+    assert cfg.model.head._target_.endswith("GaussianMDNHead") and cfg.model.head.n_components == 8
+    assert (cfg.model.backbone.hidden, cfg.model.backbone.layers) == (1024, 2)
+    assert cfg.horizons_in == "frames" and list(cfg.horizons) == [1, 2, 4, 8] and cfg.model.context == 8
+    assert cfg.trainer.max_steps == 15000 and list(cfg.representations) == ["mimi", "encodec"]
+    frames = exp3_rep_compare.horizons_and_context(cfg, 75.0)
+    assert frames == ([1, 2, 4, 8], 8)

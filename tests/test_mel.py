@@ -9,6 +9,7 @@ import pytest
 import scipy.signal
 import torch
 
+from latentdyn.diagnostics.audio_metrics import log_mel_distance
 from latentdyn.representations.base import Representation
 from latentdyn.representations.energy import frame_log_energy
 from latentdyn.representations.mel import MelRepresentation, hop_length
@@ -134,8 +135,14 @@ def test_batched_encode_and_decode_equal_per_item() -> None:
         torch.testing.assert_close(z[i : i + 1], rep.encode(batch[i : i + 1]), rtol=0, atol=1e-4)
     y = rep.decode(z)
     assert y.shape == (3, 1, z.shape[-1] * rep.hop) and y.dtype == torch.float32
+    # Griffin-Lim's samples differ across MKL code paths (AVX2 vs AVX-512) in the last bits, which its
+    # iterations amplify: compare log-mel spectra, which are stable, and require each batched item to be far
+    # closer to its own single decode than to any other item's.
+    singles = [rep.decode(z[i : i + 1])[0, 0].numpy() for i in range(batch.shape[0])]
     for i in range(batch.shape[0]):
-        torch.testing.assert_close(y[i : i + 1], rep.decode(z[i : i + 1]), rtol=1e-3, atol=1e-4)
+        own = log_mel_distance(singles[i], y[i, 0].numpy(), SR)
+        others = [log_mel_distance(singles[j], y[i, 0].numpy(), SR) for j in range(batch.shape[0]) if j != i]
+        assert own < 0.5 and own < 0.1 * min(others), (i, own, others)
     torch.testing.assert_close(rep.decode(z), y, rtol=0, atol=0)  # deterministic (zero-phase start)
 
 

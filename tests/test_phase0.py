@@ -11,6 +11,7 @@ import pytest
 from latentdyn.data.audio import BadAudioError, load_audio
 from latentdyn.data.latent_store import LatentStore
 from latentdyn.experiments import phase0
+from latentdyn.pipeline import store as store_steps
 from latentdyn.representations.energy import frame_log_energy
 from latentdyn.representations.mel import MelRepresentation
 
@@ -21,7 +22,7 @@ def test_phase0_builds_a_consistent_store_and_reuses_it(compose_cfg, caplog) -> 
     metrics = phase0.run(cfg)
     store_dir = next((Path(cfg.paths.cache_dir) / "latents").glob("[0-9a-f]*[0-9a-f]"))
     store = LatentStore(store_dir)
-    splits = phase0.prepare_splits(cfg)
+    splits = store_steps.prepare_splits(cfg)
 
     # Shapes and index consistency.
     assert store.dim == 80 and store.latents.shape == (store.n_frames, 80)
@@ -68,8 +69,8 @@ def test_phase0_builds_a_consistent_store_and_reuses_it(compose_cfg, caplog) -> 
 
 
 def _corrupt_one_file(cfg) -> str:
-    utts = phase0.prepare_corpus(cfg)
-    victim = phase0.prepare_splits(cfg)["train"][1]
+    utts = store_steps.prepare_corpus(cfg)
+    victim = store_steps.prepare_splits(cfg)["train"][1]
     assert victim.utt_id in {u.utt_id for u in utts}
     Path(victim.path).write_bytes(b"RIFF\x00\x00garbage, not audio")
     return victim.path

@@ -19,6 +19,7 @@ def _run(manifest: Path, run_id: str, experiment: str, t: int, status: str | Non
     if status:
         line = {**base, "status": status, "time": f"2026-01-01T00:00:{t + 1:02d}", "metrics": metrics or {}}
         line["weights"] = {"mel": {"source": "none"}}
+        line["data"] = {"corpus": "synthetic", "split": "stratified", "label": "synthetic/stratified"}
         if error:
             line["error"] = error
         append_record(manifest, line)
@@ -47,7 +48,7 @@ def test_table_has_one_row_per_completed_run_with_metrics(outputs: Path, capsys)
     assert [r["run_id"] for r in rows] == ["a1", "b1", "a2"]
     assert rows[0]["nll"] == "1.5" and rows[0]["cos"] == "0.25" and rows[0]["auc"] == ""
     assert rows[1]["auc"] == "7.0"
-    assert rows[0]["weights"] == "mel:none"
+    assert rows[0]["weights"] == "mel:none" and rows[0]["data"] == "synthetic/stratified"
     md = (outputs / "results_table.md").read_text()
     assert "## exp1_vmf" in md and "## exp2_injection" in md
     failed = md.split("## Failed runs")[1].split("##")[0]

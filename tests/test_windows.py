@@ -1,4 +1,5 @@
-"""Training windows: anchors and slices against loop oracles, memmap-backed batches, the seeded datamodule."""
+"""Training windows: anchors and slices against loop oracles, the reference's lag semantics on closed-form
+stores, memmap-backed batches, the seeded datamodule."""
 
 from __future__ import annotations
 
@@ -32,7 +33,18 @@ LENGTHS = {
     "val": [1, 4, 9, 17, 25],
     "test": [2, 6, 11, 19, 33, 3],
 }
-SPECS = [WindowSpec(1, 1), WindowSpec(3, 2), WindowSpec(4, 1, 2), WindowSpec(2, 3, 3)]
+LAG_SPECS = [WindowSpec(1, 1), WindowSpec(3, 2), WindowSpec(4, 1), WindowSpec(2, 4)]
+STRIDE_SPECS = [
+    WindowSpec(1, 1, horizon_mode="stride"),
+    WindowSpec(3, 2, horizon_mode="stride"),
+    WindowSpec(4, 1, 2, horizon_mode="stride"),
+    WindowSpec(2, 3, 3, horizon_mode="stride"),
+]
+SPECS = LAG_SPECS + STRIDE_SPECS
+
+
+def spec_id(spec: WindowSpec) -> str:
+    return f"{spec.horizon_mode}-W{spec.context}-k{spec.horizon}-s{spec.context_stride}"
 
 
 def make_store(
@@ -63,13 +75,24 @@ def make_store(
     return written
 
 
-def naive_anchors(store: LatentStore, split: str, spec: WindowSpec, edge: int = 0) -> np.ndarray:
-    """Loop oracle: anchors whose first context frame and target lie in the utterance, ``edge`` from its ends."""
+def naive_anchors(
+    store: LatentStore, split: str, spec: WindowSpec, medial_range: tuple[float, float] | None = None
+) -> np.ndarray:
+    """Loop oracle over target frames ``t`` (0-based in the utterance), optionally kept to ``lo <= t/T <= hi``.
+
+    lag (the reference): ``t`` runs over ``max(1, W-1+k) .. T-1`` and the anchor (last context row) is ``t - k``.
+    stride: the anchor ``p`` needs its first context frame ``p - (W-1)s >= 0`` and its target ``p + k <= T-1``.
+    """
+    w, k, s = spec.context, spec.horizon, spec.context_stride
     out = []
     for u in store.utterances(split):
-        for p in range(u.n_frames):
-            first, target = p - (spec.context - 1) * spec.context_stride, p + spec.horizon
-            if first >= edge and target <= u.n_frames - 1 - edge:
+        n = u.n_frames
+        if spec.horizon_mode == "lag":
+            pairs = [(t - k, t) for t in range(max(1, w - 1 + k), n)]
+        else:
+            pairs = [(p, p + k) for p in range(n) if p - (w - 1) * s >= 0 and p + k <= n - 1]
+        for p, t in pairs:
+            if medial_range is None or medial_range[0] <= t / n <= medial_range[1]:
                 out.append(u.start + p)
     return np.array(out, dtype=np.int64)
 
@@ -81,7 +104,7 @@ def store_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[LatentStore, d
     return LatentStore(root), written
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
 @pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_all_slice_matches_loop_oracle_and_closed_form(store_data, spec: WindowSpec, split: str) -> None:
     store, _ = store_data
@@ -100,39 +123,54 @@ def test_all_slice_matches_loop_oracle_and_closed_form(store_data, spec: WindowS
 
 def test_short_utterances_yield_no_windows(store_data) -> None:
     store, _ = store_data
-    spec = WindowSpec(4, 2, 3)  # span 12 frames
+    spec = WindowSpec(4, 2, 3, horizon_mode="stride")  # span (4-1)*3 + 2 + 1 = 12 frames
+    assert spec.span == 12
     anchors = window_anchors(store, "train", spec)
-    long_utts = [u for u in store.utterances("train") if u.n_frames >= spec.span]
-    assert len(anchors) == sum(u.n_frames - spec.span + 1 for u in long_utts)
+    long_utts = [u for u in store.utterances("train") if u.n_frames >= 12]
+    assert len(anchors) == sum(u.n_frames - 12 + 1 for u in long_utts)
     for u in store.utterances("train"):
-        if u.n_frames < spec.span:
+        if u.n_frames < 12:
             assert not ((anchors >= u.start) & (anchors < u.start + u.n_frames)).any()
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=str)
-@pytest.mark.parametrize("edge", [0, 1, 4])
-def test_utterance_medial_edge_rule(store_data, spec: WindowSpec, edge: int) -> None:
+MEDIAL_RANGES = [(0.17, 0.83), (0.0, 1.0), (0.25, 0.75), (0.5, 0.5), (0.3, 0.6)]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+@pytest.mark.parametrize("medial_range", MEDIAL_RANGES, ids=str)
+def test_utterance_medial_keeps_target_positions_in_range(
+    store_data, spec: WindowSpec, medial_range: tuple[float, float]
+) -> None:
     store, _ = store_data
     for split in ("train", "test"):
-        anchors = window_anchors(store, split, spec, "utterance_medial", edge_frames=edge)
-        np.testing.assert_array_equal(anchors, naive_anchors(store, split, spec, edge))
-        for u in store.utterances(split):
-            inside = ((anchors >= u.start) & (anchors < u.start + u.n_frames)).sum()
-            lookback = (spec.context - 1) * spec.context_stride
-            assert inside == max(u.n_frames - lookback - spec.horizon - 2 * edge, 0)
+        anchors = window_anchors(store, split, spec, "utterance_medial", medial_range=medial_range)
+        np.testing.assert_array_equal(anchors, naive_anchors(store, split, spec, medial_range))
+        if medial_range == (0.0, 1.0):
+            np.testing.assert_array_equal(anchors, window_anchors(store, split, spec))
+
+
+def test_utterance_medial_bounds_are_inclusive_and_default_to_the_reference(store_data) -> None:
+    store, _ = store_data
+    spec = WindowSpec(2, 1)
+    (u,) = [u for u in store.utterances("train") if u.n_frames == 40]
+    anchors = window_anchors(store, "train", spec, "utterance_medial", medial_range=(0.25, 0.75))
+    targets = anchors[(anchors >= u.start) & (anchors < u.start + 40)] + spec.horizon - u.start
+    np.testing.assert_array_equal(targets, np.arange(10, 31))  # t/T = 10/40 and 30/40 are kept
+    default = window_anchors(store, "train", spec, "utterance_medial")
+    np.testing.assert_array_equal(default, naive_anchors(store, "train", spec, (0.17, 0.83)))
 
 
 @pytest.mark.parametrize("percentile", [30.0, 50.0, 90.0])
-def test_high_energy_threshold_comes_from_train_only(store_data, percentile: float) -> None:
+@pytest.mark.parametrize("spec", [WindowSpec(3, 2), WindowSpec(3, 2, 2, "stride")], ids=spec_id)
+def test_high_energy_threshold_comes_from_train_only(store_data, percentile: float, spec: WindowSpec) -> None:
     store, written = store_data
     train_energy = np.concatenate([w["energy"] for w in written.values() if w["split"] == "train"])
     threshold = np.percentile(train_energy, percentile)
     assert train_energy_threshold(store, percentile) == pytest.approx(threshold, rel=0, abs=1e-9)
     energy = np.concatenate([written[r]["energy"] for r in sorted(written)])
-    spec = WindowSpec(3, 2)
     for split in ("train", "val", "test"):
         full = naive_anchors(store, split, spec)
-        expected = full[energy[full + spec.horizon] > threshold]
+        expected = full[energy[full + spec.horizon] > threshold]  # the target frame's energy
         np.testing.assert_array_equal(
             window_anchors(store, split, spec, "high_energy", energy_percentile=percentile), expected
         )
@@ -144,7 +182,7 @@ def test_high_energy_threshold_comes_from_train_only(store_data, percentile: flo
     assert 0 < len(train) < len(naive_anchors(store, "train", spec))
 
 
-def test_anchor_arguments_are_validated(store_data) -> None:
+def test_anchor_and_spec_arguments_are_validated(store_data) -> None:
     store, _ = store_data
     with pytest.raises(ValueError, match="slice"):
         window_anchors(store, "train", WindowSpec(2, 1), "loud")
@@ -152,54 +190,177 @@ def test_anchor_arguments_are_validated(store_data) -> None:
         window_anchors(store, "dev", WindowSpec(2, 1))
     with pytest.raises(ValueError, match="percentile"):
         window_anchors(store, "train", WindowSpec(2, 1), "high_energy", energy_percentile=120.0)
-    with pytest.raises(ValueError, match="edge_frames"):
-        window_anchors(store, "train", WindowSpec(2, 1), "utterance_medial", edge_frames=-1)
+    for bad_range in [(0.8, 0.2), (-0.1, 0.5), (0.5, 1.2), (0.3,), (0.1, 0.2, 0.3)]:
+        with pytest.raises(ValueError, match="medial_range"):
+            window_anchors(store, "train", WindowSpec(2, 1), "utterance_medial", medial_range=bad_range)
     for bad in [(0, 1, 1), (2, 0, 1), (2, 1, 0), (2.5, 1, 1)]:
         with pytest.raises(ValueError):
-            WindowSpec(*bad)
+            WindowSpec(*bad, horizon_mode="stride")
+    with pytest.raises(ValueError, match="horizon_mode"):
+        WindowSpec(2, 1, horizon_mode="delta")
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_lag_mode_rejects_a_strided_context(stride: int) -> None:
+    with pytest.raises(ValueError, match="context_stride"):
+        WindowSpec(4, 1, stride)
+    with pytest.raises(ValueError, match="context_stride"):
+        WindowSpec(4, 2, stride, horizon_mode="lag")
+    assert WindowSpec(4, 1, stride, horizon_mode="stride").context_stride == stride
+
+
+def test_spec_defaults_to_lag_and_scales_linear_extrapolation() -> None:
+    spec = WindowSpec(8, 4)
+    assert spec.horizon_mode == "lag" and spec.context_stride == 1
+    assert spec.velocity_scale == 1.0  # a one-frame delta, whatever k
+    assert WindowSpec(8, 4, 2, "stride").velocity_scale == 2.0  # k/s context steps
+    assert WindowSpec(8, 3, 1, "stride").velocity_scale == 3.0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The reference's sample (horizon_mode=lag) on closed-form sequences, in raw space
+# ------------------------------------------------------------------------------------------------------------
+
+SEQ_LENGTHS = {"train": [30, 1, 2, 3, 4, 5, 12], "test": [25, 6]}
+
+
+def make_sequence_store(root: Path, value, dim: int = 3) -> LatentStore:
+    """A store whose utterances hold ``x[i] = value(i)`` in every dimension (``i`` 0-based in the utterance)."""
+    with LatentStoreWriter(root, dim, META) as writer:
+        for split, lengths in SEQ_LENGTHS.items():
+            for j, n in enumerate(lengths):
+                x = np.repeat(np.array([value(i) for i in range(n)], dtype=np.float32)[:, None], dim, 1)
+                writer.add(f"{split}-{j}", "spk", split, x, np.zeros(n, dtype=np.float32))
+    store = LatentStore(root)
+    for u in store.utterances():
+        np.testing.assert_array_equal(  # float16 holds these integers exactly
+            np.asarray(store.utterance_latents(u))[:, 0], [value(i) for i in range(u.n_frames)]
+        )
+    return store
+
+
+@pytest.fixture(scope="module")
+def ramp_store(tmp_path_factory: pytest.TempPathFactory) -> LatentStore:
+    return make_sequence_store(tmp_path_factory.mktemp("ramp"), lambda i: float(i))
+
+
+@pytest.fixture(scope="module")
+def square_store(tmp_path_factory: pytest.TempPathFactory) -> LatentStore:
+    return make_sequence_store(tmp_path_factory.mktemp("square"), lambda i: float(i * i))
+
+
+def utterance_windows(store: LatentStore, spec: WindowSpec, utt_id: str) -> dict[str, torch.Tensor]:
+    """Every window of one utterance, as one batch of the default (raw) dataset."""
+    (u,) = [u for u in store.utterances() if u.utt_id == utt_id]
+    anchors = window_anchors(store, u.split, spec)
+    mine = anchors[(anchors >= u.start) & (anchors < u.start + u.n_frames)]
+    return WindowDataset(store, mine, spec).get_batch(np.arange(len(mine)))
+
+
+def window_with_target(batch: dict[str, torch.Tensor], target: float) -> dict[str, torch.Tensor]:
+    """The window of a batch whose target frame holds ``target`` (every dimension)."""
+    (i,) = torch.nonzero((batch["target"] == target).all(-1)).flatten().tolist()
+    return {k: v[i] for k, v in batch.items()}
+
+
+def test_reference_sample_at_t10(ramp_store: LatentStore) -> None:
+    """x[i] = i, W = 4, k = 1, target frame t = 10: context x[6..9] (mean 7.5), delta x[10] - x[9] = 1."""
+    w = window_with_target(utterance_windows(ramp_store, WindowSpec(4, 1), "train-0"), 10.0)
+    assert w["context"].mean().item() == 7.5
+    np.testing.assert_array_equal(w["context"][:, 0].numpy(), [6, 7, 8, 9])
+    assert torch.all(w["target_delta"] == 1.0) and torch.all(w["last"] == 9.0)
+
+
+@pytest.mark.parametrize(("k", "context_mean"), [(1, 12.5), (2, 11.5), (4, 9.5)])
+def test_context_lags_the_target_frame_by_k(ramp_store: LatentStore, k: int, context_mean: float) -> None:
+    """At t = 15 the context is the W = 4 frames ending at t - k; the delta stays one frame long."""
+    w = window_with_target(utterance_windows(ramp_store, WindowSpec(4, k), "train-0"), 15.0)
+    assert w["context"].mean().item() == context_mean
+    assert torch.all(w["target_delta"] == 1.0)
+    assert torch.all(w["last"] == 14.0) and torch.all(w["target"] == 15.0)
+
+
+def test_stride_mode_keeps_the_k_frame_delta(ramp_store: LatentStore) -> None:
+    spec = WindowSpec(4, 2, 1, horizon_mode="stride")
+    w = window_with_target(utterance_windows(ramp_store, spec, "train-0"), 15.0)
+    np.testing.assert_array_equal(w["context"][:, 0].numpy(), [10, 11, 12, 13])
+    assert torch.all(w["target_delta"] == 2.0) and torch.all(w["last"] == 13.0)
+
+
+@pytest.mark.parametrize("context", [1, 2, 4])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_lag_windows_of_a_nonlinear_sequence(square_store: LatentStore, context: int, k: int) -> None:
+    """x[i] = i²: the delta 2t - 1 names its frame t, so every field is checked against the frame it came from;
+    within each utterance the targets are exactly t = max(1, W-1+k) .. T-1, i.e. T - (W-1) - k windows."""
+    spec = WindowSpec(context, k)
+    for u in square_store.utterances():
+        b = utterance_windows(square_store, spec, u.utt_id)
+        first_t = max(1, context - 1 + k)
+        expected_t = np.arange(first_t, u.n_frames)
+        assert len(b["target"]) == len(expected_t) == max(u.n_frames - (context - 1) - k, 0)
+        if len(expected_t) == 0:
+            continue
+        t = (b["target_delta"][:, 0].double().numpy() + 1) / 2  # Δ = t² - (t-1)² = 2t - 1
+        np.testing.assert_array_equal(t, expected_t)
+        assert torch.all(b["target_delta"] == b["target_delta"][:, :1])  # same in every dimension
+        np.testing.assert_array_equal(b["target"][:, 0].numpy(), expected_t**2)
+        np.testing.assert_array_equal(b["last"][:, 0].numpy(), (expected_t - 1) ** 2)
+        rows = expected_t[:, None] - k - np.arange(context - 1, -1, -1)  # t-k-W+1 .. t-k
+        np.testing.assert_array_equal(b["context"][:, :, 0].numpy(), rows**2)
+        prev = expected_t - k - 1
+        np.testing.assert_array_equal(b["prev"][:, 0].numpy(), np.where(prev >= 0, prev, prev + 1) ** 2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Items and batches against a direct computation from the written arrays
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _oracle_window(
-    written: dict[int, dict], store: LatentStore, t: int, spec: WindowSpec
+    written: dict[int, dict], store: LatentStore, a: int, spec: WindowSpec, standardize: bool
 ) -> dict[str, np.ndarray]:
-    """Direct float64 computation of one window from the arrays that were written."""
-    start = max(r for r in written if r <= t)
-    z = (written[start]["z"].astype(np.float64) - store.mean.astype(np.float64)) / store.std.astype(
-        np.float64
-    )
-    p, s, k = t - start, spec.context_stride, spec.horizon
+    """Direct float64 computation of the window with anchor (last context row) ``a`` from the written arrays."""
+    start = max(r for r in written if r <= a)
+    z = written[start]["z"].astype(np.float64)
+    if standardize:
+        z = (z - store.mean.astype(np.float64)) / store.std.astype(np.float64)
+    p, s, k = a - start, spec.context_stride, spec.horizon
     rows = [p - (spec.context - 1 - i) * s for i in range(spec.context)]
+    state = p + k - 1 if spec.horizon_mode == "lag" else p  # lag: x[t-1]; stride: z[a]
     prev = z[p - s] if p - s >= 0 else z[p]
-    return dict(context=z[rows], target_delta=z[p + k] - z[p], last=z[p], target=z[p + k], prev=prev)
+    return dict(context=z[rows], target_delta=z[p + k] - z[state], last=z[state], target=z[p + k], prev=prev)
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=str)
-def test_items_equal_direct_computation(store_data, spec: WindowSpec) -> None:
+@pytest.mark.parametrize("standardize", [False, True], ids=["raw", "standardized"])
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+def test_items_equal_direct_computation(store_data, spec: WindowSpec, standardize: bool) -> None:
     store, written = store_data
     anchors = window_anchors(store, "train", spec)
-    ds = WindowDataset(store, anchors, spec)
+    ds = WindowDataset(store, anchors, spec, standardize=standardize)
     assert len(ds) == len(anchors)
     for i in range(len(ds)):
         item = ds[i]
         assert item["anchor"] == anchors[i]
         assert item["context"].shape == (spec.context, store.dim) and item["context"].dtype == torch.float32
-        for key, value in _oracle_window(written, store, int(anchors[i]), spec).items():
+        for key, value in _oracle_window(written, store, int(anchors[i]), spec, standardize).items():
             np.testing.assert_allclose(item[key].numpy(), value, rtol=1e-5, atol=1e-5, err_msg=key)
 
 
-def test_unstandardized_items_are_the_stored_values(store_data) -> None:
+def test_items_default_to_the_stored_raw_values(store_data) -> None:
     store, written = store_data
-    spec = WindowSpec(2, 1)
-    ds = WindowDataset(store, window_anchors(store, "test", spec), spec, standardize=False)
+    spec = WindowSpec(2, 2)
+    ds = WindowDataset(store, window_anchors(store, "test", spec), spec)
+    assert ds.standardize is False
     for i in range(len(ds)):
-        t = int(ds.anchors[i])
-        start = max(r for r in written if r <= t)
-        z = written[start]["z"].astype(np.float32)
-        np.testing.assert_array_equal(ds[i]["context"].numpy(), z[t - start - 1 : t - start + 1])
-        np.testing.assert_array_equal(ds[i]["target"].numpy(), z[t - start + 1])
+        a = int(ds.anchors[i])
+        start = max(r for r in written if r <= a)
+        z, p = written[start]["z"].astype(np.float32), a - start
+        np.testing.assert_array_equal(ds[i]["context"].numpy(), z[p - 1 : p + 1])
+        np.testing.assert_array_equal(ds[i]["target"].numpy(), z[p + 2])
+        np.testing.assert_array_equal(ds[i]["last"].numpy(), z[p + 1])
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
 def test_batched_gather_equals_items(store_data, spec: WindowSpec) -> None:
     store, _ = store_data
     ds = WindowDataset(store, window_anchors(store, "train", spec), spec)
@@ -218,9 +379,9 @@ def test_batched_gather_equals_items(store_data, spec: WindowSpec) -> None:
     assert torch.equal(WindowBatches(ds)[list(idx)]["context"], batch["context"])
 
 
-def test_dataset_rejects_windows_crossing_utterances(store_data) -> None:
+@pytest.mark.parametrize("spec", [WindowSpec(3, 1), WindowSpec(3, 1, horizon_mode="stride")], ids=spec_id)
+def test_dataset_rejects_windows_crossing_utterances(store_data, spec: WindowSpec) -> None:
     store, _ = store_data
-    spec = WindowSpec(3, 1)
     u = next(u for u in store.utterances("train") if u.n_frames >= 5)
     with pytest.raises(ValueError, match="cross"):
         WindowDataset(store, np.array([u.start + 1]), spec)  # first context frame before the utterance
@@ -231,14 +392,15 @@ def test_dataset_rejects_windows_crossing_utterances(store_data) -> None:
 def test_dataset_keeps_the_memmap_and_pickles_without_the_data(tmp_path: Path) -> None:
     make_store(tmp_path, {"train": [4000, 3000], "test": [50]}, dim=64)
     store = LatentStore(tmp_path)
-    spec = WindowSpec(4, 1)
-    ds = WindowDataset(store, window_anchors(store, "train", spec), spec)
+    spec = WindowSpec(4, 2)
+    ds = WindowDataset(store, window_anchors(store, "train", spec), spec, standardize=True)
     assert isinstance(ds.store.latents, np.memmap)
     assert not any(isinstance(v, np.ndarray) and v.size >= store.latents.size for v in vars(ds).values())
     blob = pickle.dumps(ds)
     assert len(blob) < store.latents.nbytes / 4  # anchors (8 B/window) travel, latents (128 B/frame) do not
     clone = pickle.loads(blob)
     assert isinstance(clone.store.latents, np.memmap)
+    assert clone.spec == spec and clone.standardize is True
     idx = np.arange(0, len(ds), 97)
     for key, value in ds.get_batch(idx).items():
         assert torch.equal(clone.get_batch(idx)[key], value)
@@ -334,6 +496,46 @@ def test_train_loader_is_seeded_and_covers_each_window_once_per_epoch(store_data
         assert torch.equal(batch[key], value), key
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "spec", "standardize"),
+    [
+        ({}, WindowSpec(3, 2), False),
+        ({"standardize": True}, WindowSpec(3, 2), True),
+        ({"horizon_mode": "stride"}, WindowSpec(3, 2, 1, "stride"), False),
+        (
+            {"horizon_mode": "stride", "context_stride": 2, "standardize": True},
+            WindowSpec(3, 2, 2, "stride"),
+            True,
+        ),
+    ],
+    ids=["default", "standardized", "stride", "stride-s2-standardized"],
+)
+def test_datamodule_passes_horizon_mode_and_standardize_through(
+    store_data, kwargs: dict, spec: WindowSpec, standardize: bool
+) -> None:
+    store, written = store_data
+    dm = _datamodule(store.root, **kwargs)
+    assert dm.spec == spec and dm.standardize is standardize
+    for split in ("train", "val"):
+        ds = dm.dataset(split)
+        assert ds.spec == spec and ds.standardize is standardize
+    batch = next(iter(dm.val_dataloader()))
+    for j, a in enumerate(batch["anchor"].tolist()):
+        for key, value in _oracle_window(written, store, a, spec, standardize).items():
+            np.testing.assert_allclose(batch[key][j].numpy(), value, rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+def test_datamodule_rejects_a_strided_lag_context_and_an_unknown_slice(store_data) -> None:
+    from latentdyn.data.windows import LatentWindowDataModule
+
+    with pytest.raises(ValueError, match="slice"):
+        LatentWindowDataModule(store_data[0].root, 2, 1, slice_name="quiet")
+    with pytest.raises(ValueError, match="context_stride"):
+        LatentWindowDataModule(store_data[0].root, 2, 1, context_stride=2)
+    with pytest.raises(ValueError, match="medial_range"):
+        LatentWindowDataModule(store_data[0].root, 2, 1, medial_range=(0.9, 0.1))
+
+
 def test_workers_give_the_same_batches(store_data) -> None:
     store, _ = store_data
     serial = np.concatenate(_epoch_anchors(_datamodule(store.root, seed=5).train_dataloader()))
@@ -347,7 +549,7 @@ def test_workers_give_the_same_batches(store_data) -> None:
 def test_val_and_test_loaders_are_ordered_and_val_is_capped(store_data, slice_name: str) -> None:
     store, _ = store_data
     spec = WindowSpec(3, 2)
-    kwargs = dict(energy_percentile=40.0, edge_frames=2)
+    kwargs = dict(energy_percentile=40.0, medial_range=(0.2, 0.8))
     full_val = window_anchors(store, "val", spec, slice_name, **kwargs)
     dm = _datamodule(store.root, slice_name=slice_name, max_val_windows=5, seed=1, **kwargs)
     val = np.concatenate(_epoch_anchors(dm.val_dataloader()))
@@ -361,13 +563,6 @@ def test_val_and_test_loaders_are_ordered_and_val_is_capped(store_data, slice_na
     train = np.sort(np.concatenate(_epoch_anchors(dm.train_dataloader())))
     np.testing.assert_array_equal(train, window_anchors(store, "train", spec, slice_name, **kwargs))
     assert dm.dim == store.dim
-
-
-def test_datamodule_rejects_an_unknown_slice(store_data) -> None:
-    from latentdyn.data.windows import LatentWindowDataModule
-
-    with pytest.raises(ValueError, match="slice"):
-        LatentWindowDataModule(store_data[0].root, 2, 1, slice_name="quiet")
 
 
 def test_lightning_trainer_consumes_the_loaders(store_data) -> None:

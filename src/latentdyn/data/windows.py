@@ -1,24 +1,29 @@
 """Training windows over a latent store: anchors, slices, a batched memmap dataset and a Lightning datamodule.
 
-A *window* is identified by its *anchor* ``t``, the global store row of its last context frame. With
-context ``W``, stride ``s`` and horizon ``k`` it reads
+A *window* is identified by its *anchor* ``a``, the global store row of its last context frame. With context
+``W``, horizon ``k`` and context stride ``s`` it reads W context frames ``a-(W-1)s, ..., a-s, a`` (oldest first)
+and predicts a delta that depends on the *horizon mode* (``WindowSpec.horizon_mode``):
 
-    context  rows t-(W-1)s, ..., t-s, t        (W frames)
-    target   row  t+k                           (the frame whose delta z[t+k] - z[t] is predicted)
+* ``lag`` (the reference study's sample, the default): the target is the **one-frame** delta
+  ``x[t] - x[t-1]`` of the frame ``t = a + k``; the context is the W frames ending at ``t - k`` (k is a context
+  *lag*), contiguous (``s = 1``). The delta starts from the *state* frame ``t - 1``. An utterance's first valid
+  target is ``t = max(1, W-1+k)`` (relative to its start).
+* ``stride``: the target is the k-frame delta ``z[a+k] - z[a]`` from a context spaced ``s`` frames apart; the
+  state frame is the anchor itself.
 
-and is valid only when all of these rows lie inside one utterance, so an utterance of ``T`` frames holds
-``max(T - (W-1)s - k, 0)`` windows. Slices (DESIGN §9) restrict the anchors further:
+Either way the window spans rows ``a-(W-1)s .. a+k`` and is valid only when they lie inside one utterance, so an
+utterance of ``T`` frames holds ``max(T - (W-1)s - k, 0)`` windows. Slices (DESIGN §9) restrict the targets:
 
 * ``all``: every valid window;
 * ``high_energy``: windows whose target frame's log energy is strictly above the ``energy_percentile``-th
-  percentile of the *train* split's frame energies (the threshold comes from train for every split, so
-  val/test slices are not re-normalised to their own loudness);
-* ``utterance_medial``: windows whose first context frame and target frame are both at least
-  ``edge_frames`` frames from either edge of the utterance (position ``p`` in ``0..T-1`` is ``p`` frames
-  from the start and ``T-1-p`` from the end), i.e. ``max(T - (W-1)s - k - 2·edge_frames, 0)`` windows.
+  percentile (50: the median) of the *train* split's frame energies (the threshold comes from train for every
+  split, so val/test slices are not re-normalised to their own loudness);
+* ``utterance_medial``: windows whose target frame ``t`` (0-based within an utterance of ``T`` frames) has
+  ``medial_range[0] <= t/T <= medial_range[1]`` (default ``[0.17, 0.83]``, the reference's).
 
 Data stay on disk: :class:`WindowDataset` keeps the store's read-only memmap and gathers each batch's rows
-with one fancy index, standardising with the store's train statistics ``(z - mean) / std``.
+with one fancy index, in the raw latent space (the reference) or standardised with the store's train
+statistics ``(z - mean) / std`` (``standardize=True``).
 
 ``LatentWindowDataModule`` is a ``lightning.pytorch.LightningDataModule``. Importing lightning takes
 seconds, so the class is built on first access (module ``__getattr__``): ``from latentdyn.data.windows
@@ -28,7 +33,7 @@ import WindowDataset`` stays cheap, and ``latentdyn.data.windows.LatentWindowDat
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,8 @@ from latentdyn.data.latent_store import LatentStore
 
 # LatentWindowDataModule is public too, but left out of __all__ so that `import *` does not import lightning.
 __all__ = [
+    "HORIZON_MODES",
+    "MEDIAL_RANGE",
     "SLICES",
     "TRAIN_SPLIT",
     "IndexBatchSampler",
@@ -54,6 +61,9 @@ __all__ = [
 ]
 
 SLICES = ("all", "high_energy", "utterance_medial")
+HORIZON_MODES = ("lag", "stride")
+#: The reference's utterance-medial band of target positions t/T.
+MEDIAL_RANGE = (0.17, 0.83)
 TRAIN_SPLIT = "train"
 #: Batch fields, each a float32 tensor in the (optionally) standardised space except ``anchor`` (int64).
 FIELDS = ("context", "target_delta", "last", "target", "prev", "anchor")
@@ -61,11 +71,13 @@ FIELDS = ("context", "target_delta", "last", "target", "prev", "anchor")
 
 @dataclass(frozen=True)
 class WindowSpec:
-    """Window geometry in frames: ``context`` W frames ``stride`` apart, target ``horizon`` k frames ahead."""
+    """Window geometry in frames: ``context`` W frames ``context_stride`` apart, target ``horizon`` k frames
+    after the last context frame; ``horizon_mode`` says which delta is predicted (see the module docstring)."""
 
     context: int
     horizon: int
     context_stride: int = 1
+    horizon_mode: str = "lag"
 
     def __post_init__(self) -> None:
         for name in ("context", "horizon", "context_stride"):
@@ -73,6 +85,23 @@ class WindowSpec:
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise ValueError(f"WindowSpec.{name} must be a positive integer, got {value!r}")
             object.__setattr__(self, name, int(value))
+        if self.horizon_mode not in HORIZON_MODES:
+            raise ValueError(f"horizon_mode must be one of {HORIZON_MODES}, got {self.horizon_mode!r}")
+        if self.horizon_mode == "lag" and self.context_stride != 1:
+            raise ValueError(
+                f"horizon_mode=lag reads a contiguous context (context_stride 1), got {self.context_stride}"
+            )
+
+    @property
+    def state_offset(self) -> int:
+        """Row of the state frame (the delta's origin) relative to the anchor: ``k - 1`` (lag) or 0 (stride)."""
+        return self.horizon - 1 if self.horizon_mode == "lag" else 0
+
+    @property
+    def velocity_scale(self) -> float:
+        """Linear extrapolation's factor on the last context velocity ``z[a] - z[a-s]``: the predicted delta
+        spans one frame (lag) or ``k`` frames, i.e. ``k/s`` context steps (stride)."""
+        return 1.0 if self.horizon_mode == "lag" else self.horizon / self.context_stride
 
     @property
     def span(self) -> int:
@@ -125,7 +154,7 @@ def window_anchors(
     slice_name: str = "all",
     *,
     energy_percentile: float = 50.0,
-    edge_frames: int = 4,
+    medial_range: Sequence[float] = MEDIAL_RANGE,
 ) -> np.ndarray:
     """Anchors (global rows of the last context frame) of every valid window of ``split`` in ``slice_name``.
 
@@ -133,19 +162,27 @@ def window_anchors(
     """
     if slice_name not in SLICES:
         raise ValueError(f"unknown slice {slice_name!r}; expected one of {SLICES}")
-    if isinstance(edge_frames, bool) or int(edge_frames) != edge_frames or edge_frames < 0:
-        raise ValueError(f"edge_frames must be a non-negative integer, got {edge_frames!r}")
+    lo, hi = _check_medial_range(medial_range)
     starts, lengths = _utterance_table(store, split)
     lookback = (spec.context - 1) * spec.context_stride
-    edge = int(edge_frames) if slice_name == "utterance_medial" else 0
-    # Within an utterance the anchor position p satisfies p - lookback >= edge and p + k <= T - 1 - edge.
-    first = starts + lookback + edge
-    counts = lengths - lookback - spec.horizon - 2 * edge
-    anchors = _concatenated_ranges(first, counts)
+    # Within an utterance the anchor position p satisfies p - lookback >= 0 and p + k <= T - 1.
+    counts = np.maximum(lengths - lookback - spec.horizon, 0)
+    anchors = _concatenated_ranges(starts + lookback, counts)
+    if slice_name == "utterance_medial":
+        utt = np.repeat(np.arange(len(starts)), counts)
+        position = (anchors + spec.horizon - starts[utt]) / lengths[utt]
+        anchors = anchors[(position >= lo) & (position <= hi)]
     if slice_name == "high_energy":
         threshold = train_energy_threshold(store, energy_percentile)
         anchors = anchors[np.asarray(store.log_energy[anchors + spec.horizon]) > threshold]
     return anchors
+
+
+def _check_medial_range(medial_range: Sequence[float]) -> tuple[float, float]:
+    values = [float(v) for v in medial_range]
+    if len(values) != 2 or not 0.0 <= values[0] <= values[1] <= 1.0:
+        raise ValueError(f"medial_range must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(medial_range)}")
+    return values[0], values[1]
 
 
 def subsample_anchors(anchors: np.ndarray, max_windows: int | None, seed: int) -> np.ndarray:
@@ -162,17 +199,18 @@ def subsample_anchors(anchors: np.ndarray, max_windows: int | None, seed: int) -
 
 
 class WindowDataset(Dataset):
-    """Map-style dataset of windows over a store's memmap, one window per anchor.
+    """Map-style dataset of windows over a store's memmap, one window per anchor ``a``.
 
-    Items (``__getitem__``) and batches (:meth:`get_batch`) hold, in the standardised space
-    ``(z - mean) / std`` (or raw when ``standardize=False``), as float32:
+    Items (``__getitem__``) and batches (:meth:`get_batch`) hold, raw or standardised ``(z - mean) / std``
+    (``standardize``), as float32:
 
-    * ``context`` ``(W, D)``: frames ``t-(W-1)s .. t``, oldest first;
-    * ``target_delta`` ``(D,)``: ``z[t+k] - z[t]``;
-    * ``last`` ``(D,)``: ``z[t]``; ``target`` ``(D,)``: ``z[t+k]``;
-    * ``prev`` ``(D,)``: ``z[t-s]``, the frame one context step before ``t``, for linear extrapolation
-      ``(k/s)(z[t] - z[t-s])``. For ``W >= 2`` it is ``context[-2]``; for ``W = 1`` it is read from the
-      store, and at an utterance's first frame (no earlier frame) it is ``z[t]`` itself, i.e. zero velocity;
+    * ``context`` ``(W, D)``: frames ``a-(W-1)s .. a``, oldest first;
+    * ``target`` ``(D,)``: ``z[a+k]``; ``last`` ``(D,)``: the state frame the delta starts from,
+      ``z[a+k-1]`` (lag) or ``z[a]`` (stride);
+    * ``target_delta`` ``(D,)``: ``target - last``;
+    * ``prev`` ``(D,)``: ``z[a-s]``, the frame one context step before the anchor, for linear extrapolation
+      ``velocity_scale · (z[a] - z[a-s])``. For ``W >= 2`` it is ``context[-2]``; for ``W = 1`` it is read from
+      the store, and at an utterance's first frame (no earlier frame) it is ``z[a]`` itself, i.e. zero velocity;
     * ``anchor``: the anchor row (int; an int64 ``(B,)`` tensor in a batch).
 
     Batches are stacked along a leading ``B`` axis. Pickling keeps the store's path, not its arrays, so
@@ -180,7 +218,11 @@ class WindowDataset(Dataset):
     """
 
     def __init__(
-        self, store: LatentStore | str | Path, anchors: np.ndarray, spec: WindowSpec, standardize: bool = True
+        self,
+        store: LatentStore | str | Path,
+        anchors: np.ndarray,
+        spec: WindowSpec,
+        standardize: bool = False,
     ) -> None:
         self.store = _open(store)
         self.spec = spec
@@ -244,15 +286,21 @@ class WindowDataset(Dataset):
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         a = self.anchors[idx]
         n, w, dim = len(a), self.spec.context, self.store.dim
+        separate_state = self.spec.state_offset > 0
         parts = [(a[:, None] + self._offsets).reshape(-1), a + self.spec.horizon]
+        if separate_state:
+            parts.append(a + self.spec.state_offset)
         if w == 1:
             prev_rows = a - self.spec.context_stride
             parts.append(np.where(prev_rows >= self._utterance_start_of(a), prev_rows, a))
         x = self._rows(np.concatenate(parts))
         context = x[: n * w].view(n, w, dim)
-        target = x[n * w : n * w + n]
-        prev = x[n * w + n :] if w == 1 else context[:, -2].contiguous()
-        last = context[:, -1].contiguous()
+        target, rest = x[n * w : n * w + n], x[n * w + n :]
+        if separate_state:
+            last, rest = rest[:n], rest[n:]
+        else:
+            last = context[:, -1].contiguous()
+        prev = rest if w == 1 else context[:, -2].contiguous()
         return {
             "context": context,
             "target_delta": target - last,
@@ -358,10 +406,12 @@ def _build_datamodule_class() -> type:
             batch_size: int = 256,
             num_workers: int = 0,
             energy_percentile: float = 50.0,
-            edge_frames: int = 4,
+            medial_range: Sequence[float] = MEDIAL_RANGE,
             seed: int = 0,
             max_val_windows: int | None = 20000,
             pin_memory: bool = False,
+            horizon_mode: str = "lag",
+            standardize: bool = False,
         ) -> None:
             super().__init__()
             if slice_name not in SLICES:
@@ -370,12 +420,13 @@ def _build_datamodule_class() -> type:
                 raise ValueError(f"batch_size must be >= 1, got {batch_size}")
             self.save_hyperparameters()
             self.store_root = Path(store_root)
-            self.spec = WindowSpec(context, horizon, context_stride)
+            self.spec = WindowSpec(context, horizon, context_stride, horizon_mode)
+            self.standardize = bool(standardize)
             self.slice_name = slice_name
             self.batch_size = int(batch_size)
             self.num_workers = int(num_workers)
             self.energy_percentile = float(energy_percentile)
-            self.edge_frames = int(edge_frames)
+            self.medial_range = _check_medial_range(medial_range)
             self.seed = int(seed)
             self.max_val_windows = max_val_windows
             self.pin_memory = bool(pin_memory)
@@ -403,11 +454,11 @@ def _build_datamodule_class() -> type:
                     self.spec,
                     self.slice_name,
                     energy_percentile=self.energy_percentile,
-                    edge_frames=self.edge_frames,
+                    medial_range=self.medial_range,
                 )
                 if split == "val":
                     anchors = subsample_anchors(anchors, self.max_val_windows, self.seed)
-                self.datasets[split] = WindowDataset(store, anchors, self.spec)
+                self.datasets[split] = WindowDataset(store, anchors, self.spec, self.standardize)
             return self.datasets[split]
 
         def setup(self, stage: str | None = None) -> None:

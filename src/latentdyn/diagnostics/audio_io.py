@@ -5,15 +5,20 @@ Conventions shared by the perceptual experiments (Exp 3B, Exp 7):
 * Latents are handled as ``(T, D)`` frames (the latent store's layout) and decoded in batches ``(B, T, D)``
   with the representation the store was encoded with (:func:`representation_from_store`), which returns
   ``T * hop`` samples per trajectory at ``rep.sample_rate`` (``hop = sample_rate / frame_rate``).
-* Edits and rollouts happen in the store's train-standardised space (the space the dynamics models live
-  in); :func:`destandardize` maps them back to raw latents for decoding.
+* Edits and rollouts happen in raw latent space (the reference study's) or in the store's
+  train-standardised space (an option); :func:`destandardize` and :func:`raw_from_edit` map standardised
+  frames back to raw latents for decoding.
+* Utterances are cropped to their first ``max_frames`` frames (:func:`crop_frames`; the reference: 200).
+* Every listening file is written twice by :func:`write_listening_wav`: at the output rate (48 kHz, the
+  reference's WAVs: the codec's signal resampled with :func:`resample_waves`) and at the representation's own
+  rate (the samples that are scored), with one shared peak gain.
 * A decoded edit or rollout is scored against ``decode(z_true)``, never against the original waveform, so
   the codec's own loss is not counted twice; ``decode(z_true)`` against the original audio is scored once
   per utterance as the codec's reconstruction ceiling (:func:`reconstruction_ceiling`).
 * Distances are computed on the decoded signals as they are. WAVs are written as 32-bit float (no
   quantisation, no dither); a signal whose peak exceeds full scale (an edit far off the manifold can
   decode to a blast of e.g. 60 dB over full scale) is scaled down to peak 1 for safe listening and the
-  gain is recorded, so a file holds the scored samples times ``gain`` (Exp 7's 48 kHz files: resampled).
+  gain is recorded, so a native-rate file holds the scored samples times ``gain`` (the 48 kHz file: resampled).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from latentdyn.representations.mel import hop_length
 
 __all__ = [
     "MIN_SPECTRAL_SAMPLES",
+    "NATIVE_DIR_FORMAT",
     "WAV_SUBTYPE",
     "choose_utterances",
     "crop_frames",
@@ -46,9 +52,9 @@ __all__ = [
     "flat_metrics",
     "json_distances",
     "load_original",
-    "max_frames",
     "mean_distances",
     "objective_distances",
+    "peak_gain",
     "raw_from_edit",
     "reconstruction_ceiling",
     "relative",
@@ -56,6 +62,7 @@ __all__ = [
     "resample_waves",
     "safe_name",
     "samples_per_frame",
+    "write_listening_wav",
     "write_wav",
 ]
 
@@ -67,6 +74,9 @@ WAV_SUBTYPE = "FLOAT"
 MIN_SPECTRAL_SAMPLES = max(MRSTFT_FFT_SIZES) // 2 + 1
 #: Provenance keys that must agree between a store's encoder and the decoder built for it.
 _WEIGHT_KEYS = ("source", "pretrained", "sha256", "seed")
+#: Keys that must be present in the store too when the decoder reports them: a Mimi store written before
+#: ``latent_space`` existed holds pre-quantiser latents, which today's default decoder would misread.
+_REQUIRED_WEIGHT_KEYS = ("latent_space",)
 
 
 def samples_per_frame(sample_rate: int, frame_rate: float) -> int:
@@ -103,11 +113,19 @@ def representation_from_store(store: LatentStore, device: torch.device | str = "
         for key in _WEIGHT_KEYS
         if key in rep.weights and key in stored and rep.weights[key] != stored[key]
     ]
+    mismatched += [
+        (f"weights.{key}", rep.weights[key], stored.get(key))
+        for key in _REQUIRED_WEIGHT_KEYS
+        if key in rep.weights and rep.weights[key] != stored.get(key)
+    ]
     if mismatched:
         detail = ", ".join(
             f"{name}: decoder {ours!r} vs store {theirs!r}" for name, ours, theirs in mismatched
         )
-        raise ValueError(f"decoder rebuilt for {store.root} does not match the store's encoder ({detail})")
+        raise ValueError(
+            f"decoder rebuilt for {store.root} does not match the store's encoder ({detail}); rebuild the "
+            "store with the current code (force=true)"
+        )
     return rep.to(device)
 
 
@@ -132,22 +150,16 @@ def raw_from_edit(
     return raw.to(torch.float32) + (z_edit.to(torch.float32) - z.to(torch.float32)) * std
 
 
-def max_frames(max_seconds: float | None, frame_rate: float) -> int | None:
-    """Frames in ``max_seconds`` of audio, ``floor(max_seconds * frame_rate)`` (at least 1); None for None.
+def crop_frames(n_frames: int, max_frames: int | None) -> int:
+    """Frames kept of an ``n_frames`` utterance cropped to its first ``max_frames`` (None: all of them).
 
-    ValueError for a non-positive ``max_seconds``.
+    ValueError for a ``max_frames`` that is not a positive integer (or None).
     """
-    if max_seconds is None:
-        return None
-    if not max_seconds > 0:
-        raise ValueError(f"max_seconds must be > 0 or null, got {max_seconds}")
-    return max(1, math.floor(float(max_seconds) * frame_rate + 1e-9))
-
-
-def crop_frames(n_frames: int, max_seconds: float | None, frame_rate: float) -> int:
-    """Frames kept of an ``n_frames`` utterance cropped to its first ``max_seconds`` (None: all of them)."""
-    limit = max_frames(max_seconds, frame_rate)
-    return int(n_frames) if limit is None else min(int(n_frames), limit)
+    if max_frames is None:
+        return int(n_frames)
+    if isinstance(max_frames, bool) or int(max_frames) != max_frames or max_frames < 1:
+        raise ValueError(f"max_frames must be a positive integer or null, got {max_frames!r}")
+    return min(int(n_frames), int(max_frames))
 
 
 def choose_utterances(
@@ -217,10 +229,15 @@ def load_original(path: str | Path, sample_rate: int, n_samples: int) -> torch.T
 
 
 def write_wav(
-    path: Path, wave: torch.Tensor | np.ndarray, sample_rate: int, peak_limit: float = 1.0
+    path: Path,
+    wave: torch.Tensor | np.ndarray,
+    sample_rate: int,
+    peak_limit: float = 1.0,
+    gain: float | None = None,
 ) -> dict[str, Any]:
     """Write mono ``(S,)`` audio as a float32 WAV, scaled down to ``peak_limit`` if its peak is above it.
 
+    ``gain``: a given scale factor instead (e.g. one shared by several renderings of the same signal).
     Returns ``{sample_rate, n_samples, duration_s, gain}`` (``gain`` = 1 unless the signal was scaled).
     """
     data = wave.detach().cpu().numpy() if isinstance(wave, torch.Tensor) else np.asarray(wave)
@@ -229,8 +246,10 @@ def write_wav(
         raise ValueError(f"expected mono audio (S,), got shape {data.shape}")
     if not np.isfinite(data).all():
         raise ValueError(f"{path}: audio has non-finite samples")
-    peak = float(np.max(np.abs(data))) if data.size else 0.0
-    gain = peak_limit / peak if peak > peak_limit else 1.0
+    if gain is None:
+        gain = peak_gain(data, peak_limit)
+    elif not (math.isfinite(gain) and gain > 0):
+        raise ValueError(f"gain must be finite and > 0, got {gain}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, data * np.float32(gain) if gain != 1.0 else data, int(sample_rate), subtype=WAV_SUBTYPE)
@@ -238,8 +257,54 @@ def write_wav(
         "sample_rate": int(sample_rate),
         "n_samples": int(data.size),
         "duration_s": data.size / sample_rate,
-        "gain": gain,
+        "gain": float(gain),
     }
+
+
+def peak_gain(wave: torch.Tensor | np.ndarray, peak_limit: float = 1.0) -> float:
+    """The factor that brings ``wave``'s absolute peak down to ``peak_limit`` (1 when it is already below)."""
+    data = wave.detach().cpu().numpy() if isinstance(wave, torch.Tensor) else np.asarray(wave)
+    peak = float(np.max(np.abs(data))) if data.size else 0.0
+    return peak_limit / peak if peak > peak_limit else 1.0
+
+
+#: Sub-directory (of a listening file's directory) of its copy at the representation's own rate.
+NATIVE_DIR_FORMAT = "{sample_rate}Hz"
+
+
+def write_listening_wav(
+    out_dir: Path,
+    stem: str,
+    wave: torch.Tensor,
+    sample_rate: int,
+    output_sample_rate: int,
+    run_dir: Path,
+) -> dict[str, Any]:
+    """Write one decoded signal ``(S,)`` at ``sample_rate`` as the listening files of Exp 3B and Exp 7.
+
+    * ``out_dir/<stem>.wav``: resampled to ``output_sample_rate`` (48 kHz, the reference's WAVs) with
+      :func:`resample_waves` (``ceil(S * output / native)`` samples);
+    * ``out_dir/<sample_rate>Hz/<stem>.wav``: the signal itself at the representation's rate (what the
+      objective distances score); the same file as above when the two rates are equal.
+
+    Both carry one gain (:func:`peak_gain` of the louder of the two: the resampler's sinc can overshoot
+    the native peak), so they play at the same level. Returns the manifest fields of the output-rate file
+    (``path`` relative to ``run_dir``, ``sample_rate``, ``n_samples``, ``duration_s``, ``gain``) and
+    ``native``: the same fields of the native-rate file.
+    """
+    sample_rate, output_sample_rate = int(sample_rate), int(output_sample_rate)
+    wave = wave.detach().to(device="cpu", dtype=torch.float32)
+    if wave.dim() != 1:
+        raise ValueError(f"expected mono audio (S,), got shape {tuple(wave.shape)}")
+    resampled = resample_waves(wave, sample_rate, output_sample_rate)
+    gain = min(peak_gain(wave), peak_gain(resampled))
+    path = Path(out_dir) / f"{stem}.wav"
+    entry = {"path": relative(path, run_dir), **write_wav(path, resampled, output_sample_rate, gain=gain)}
+    if sample_rate == output_sample_rate:
+        return {**entry, "native": dict(entry)}
+    native_path = Path(out_dir) / NATIVE_DIR_FORMAT.format(sample_rate=sample_rate) / f"{stem}.wav"
+    native = {"path": relative(native_path, run_dir), **write_wav(native_path, wave, sample_rate, gain=gain)}
+    return {**entry, "native": native}
 
 
 def objective_distances(

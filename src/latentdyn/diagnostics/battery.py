@@ -1,31 +1,27 @@
-"""Phase 1 battery (DESIGN §9): one-step metrics of a dynamics model and two baselines, per slice.
+"""Phase 1 battery (DESIGN §9, the reference's metrics): one-step metrics of a dynamics model and two baselines.
 
-For each window (anchor ``t``, horizon ``k``, context stride ``s``) the ground-truth delta is
-``Δ = z[t+k] - z[t]`` in the store's standardised space (``(z - mean) / std`` with train statistics), and a
-predictor gives a point prediction ``Δ̂`` and, where it has one, a density. Metrics, averaged over windows:
+For each window the ground-truth delta ``Δ`` is the window's ``target_delta`` (the one-frame delta
+``x[t] - x[t-1]`` for ``horizon_mode=lag``, ``z[t+k] - z[t]`` for ``stride``), in the model's space (raw, or
+standardised with the store's train statistics). A predictor gives a point prediction ``Δ̂`` and, where it has
+one, a density. Metrics, averaged over windows (the reference's names and meanings):
 
-* ``nll_per_dim``: ``-log p(Δ) / D`` in nats;
-* ``direction_cosine``: ``cos(d̂, Δ)`` of the predicted direction ``d̂`` (norms floored at 1e-8, so a
-  zero prediction or a zero true delta scores 0);
-* ``magnitude_log_error``: ``|log max(‖Δ̂‖, 1e-8) - log max(‖Δ‖, 1e-8)|`` with ``‖Δ̂‖`` the predicted norm;
-* ``mse``: mean over windows and dimensions of ``(ẑ[t+k] - z[t+k])²`` with ``ẑ[t+k] = z[t] + Δ̂``;
-* ``n_windows``.
+* ``nll``: ``-log p(Δ)`` in nats per frame (a density in R^D);
+* ``nll_baseline``: the same for the *unconditional* baseline of the model's family, fitted on the train
+  split's windows of the same (W, k, slice): a diagonal Gaussian for the MDN, uniform direction × LogNormal
+  ‖Δ‖ for vMF × LogNormal (:mod:`latentdyn.models.baselines`); ``dnll = nll - nll_baseline`` (< 0: the
+  context helps);
+* ``cos``: ``cos(Δ̂, Δ)`` (norms floored at 1e-8);
+* ``logmag_r2``: R² of ``log ‖Δ̂‖`` against ``log ‖Δ‖``, ``1 - Σ(log‖Δ̂‖ - log‖Δ‖)² / Σ(log‖Δ‖ - mean)²``;
+* ``mag_ratio``: mean ``‖Δ̂‖ / ‖Δ‖`` (norms floored at 1e-8);
+* extra keys: ``mse`` (mean over windows and dims of ``(ẑ - z)²`` with ``ẑ = state + Δ̂``), ``n_windows``.
 
-Predictors:
+``Δ̂`` is the model's point prediction chosen by ``predict`` (``median``: μ·e^m for vMF, the mixture mean for
+the MDN; ``mean``: exact E[Δ]; ``sample``: one seeded draw).
 
-* ``model``: a :class:`~latentdyn.models.protocol.DeltaModel`; ``Δ̂ = predictive.mean()``,
-  ``d̂ = predictive.direction()``, ``‖Δ̂‖ = predictive.magnitude()``, density ``predictive.log_prob``;
-* ``persistence``: ``Δ̂ = 0``. It has no direction and no norm, so ``direction_cosine`` and
-  ``magnitude_log_error`` are NaN (the floored log of a zero norm would only measure the floor);
-* ``linear`` extrapolation from the last two context frames: ``Δ̂ = (k/s)(z[t] - z[t-s])``; ``d̂`` and the
-  norm are those of ``Δ̂``. (With ``W = 1`` the frame ``z[t-s]`` comes from the store; at an utterance's first
-  frame it does not exist and the velocity is taken as 0, see :class:`~latentdyn.data.windows.WindowDataset`.)
-
-Baseline densities: each baseline gets the isotropic Gaussian ``N(Δ̂, σ² I)`` whose variance is the maximum
-likelihood fit on the *train* split's windows of the same slice (same window spec):
-``σ² = mean over windows and dimensions of (Δ - Δ̂)²``. Its NLL per dimension is therefore directly
-comparable with the model's: ``½ log(2πσ²) + ‖Δ - Δ̂‖² / (2σ²D)``. Sums are accumulated in float64 over
-batches, so no per-window arrays are kept.
+Extra predictors, as rows next to the model's: ``persistence`` (``Δ̂ = 0``; no direction, so ``cos`` and
+``logmag_r2`` are NaN) and ``linear`` extrapolation ``Δ̂ = velocity_scale · (z[a] - z[a-s])`` from the last two
+context frames. Their density is the isotropic Gaussian ``N(Δ̂, σ² I)`` with σ² fitted by maximum likelihood
+on the train windows. Sums are accumulated in float64 over batches, so no per-window arrays are kept.
 """
 
 from __future__ import annotations
@@ -33,7 +29,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +38,7 @@ import torch
 
 from latentdyn.data.latent_store import LatentStore
 from latentdyn.data.windows import (
+    MEDIAL_RANGE,
     SLICES,
     TRAIN_SPLIT,
     WindowDataset,
@@ -50,7 +47,8 @@ from latentdyn.data.windows import (
     subsample_anchors,
     window_anchors,
 )
-from latentdyn.models.protocol import DeltaModel
+from latentdyn.models.baselines import Baseline, DiagonalGaussianBaseline
+from latentdyn.models.protocol import DeltaModel, point_prediction
 
 __all__ = [
     "BASELINES",
@@ -62,15 +60,16 @@ __all__ = [
     "battery_metrics",
     "battery_table",
     "fit_baseline_variance",
+    "fit_unconditional_baseline",
     "run_battery",
     "write_battery_table",
 ]
 
 PREDICTORS = ("model", "persistence", "linear")
 BASELINES = ("persistence", "linear")
-METRICS = ("nll_per_dim", "direction_cosine", "magnitude_log_error", "mse", "n_windows")
+METRICS = ("nll", "nll_baseline", "dnll", "cos", "logmag_r2", "mag_ratio", "mse", "n_windows")
 NORM_FLOOR = 1e-8
-#: Floor on a fitted baseline variance, so a constant store (zero residuals) gives a finite NLL.
+#: Floor on a fitted isotropic variance, so a constant store (zero residuals) gives a finite NLL.
 VARIANCE_FLOOR = 1e-12
 TABLES_FILE = "tables.csv"
 _ROW_KEYS = (
@@ -80,6 +79,7 @@ _ROW_KEYS = (
     "horizon",
     "context",
     "context_stride",
+    "horizon_mode",
     "dim",
     *METRICS,
     "baseline_sigma2",
@@ -92,7 +92,7 @@ def baseline_delta(batch: dict[str, torch.Tensor], baseline: str, spec: WindowSp
     if baseline == "persistence":
         return torch.zeros_like(batch["last"])
     if baseline == "linear":
-        return (spec.horizon / spec.context_stride) * (batch["last"] - batch["prev"])
+        return spec.velocity_scale * (batch["context"][:, -1] - batch["prev"])
     raise ValueError(f"unknown baseline {baseline!r}; expected one of {BASELINES}")
 
 
@@ -113,6 +113,11 @@ def fit_baseline_variance(
     return max(total / count, VARIANCE_FLOOR)
 
 
+def fit_unconditional_baseline(family: type, batches: Iterable[dict[str, torch.Tensor]]) -> Baseline:
+    """Fit ``family`` (a class with ``fit(deltas)``, e.g. a head's ``baseline``) on the batches' deltas."""
+    return family.fit(batch["target_delta"] for batch in batches)
+
+
 def _model_device(model: Any) -> torch.device:
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
@@ -120,94 +125,113 @@ def _model_device(model: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _cosine(direction: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Row-wise cosine ``(B,)`` with both norms floored at :data:`NORM_FLOOR`."""
-    dots = (direction * delta).sum(-1)
-    return dots / (direction.norm(dim=-1).clamp_min(NORM_FLOOR) * delta.norm(dim=-1).clamp_min(NORM_FLOOR))
+class _Sums:
+    """Float64 running sums of the battery's per-window quantities."""
 
+    def __init__(self) -> None:
+        self.n = self.n_values = 0
+        self.totals = dict.fromkeys(
+            ("nll", "nll_b", "cos", "ratio", "logmag_sq", "logy", "logy_sq", "sq"), 0.0
+        )
 
-def _log_norm_error(pred_norm: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    return (pred_norm.clamp_min(NORM_FLOOR).log() - delta.norm(dim=-1).clamp_min(NORM_FLOOR).log()).abs()
+    def add(self, key: str, values: torch.Tensor) -> None:
+        self.totals[key] += float(values.double().sum())
+
+    def mean(self, key: str, present: bool = True) -> float:
+        return self.totals[key] / self.n if present and self.n > 0 else math.nan
+
+    def logmag_r2(self) -> float:
+        if self.n == 0:
+            return math.nan
+        ss_tot = self.totals["logy_sq"] - self.totals["logy"] ** 2 / self.n
+        return 1.0 - self.totals["logmag_sq"] / ss_tot if ss_tot > 1e-12 else math.nan
 
 
 def battery_metrics(
     model: DeltaModel | None,
     batches: Iterable[dict[str, torch.Tensor]],
     *,
+    unconditional: Baseline | None = None,
     baseline: str | None = None,
     spec: WindowSpec | None = None,
     baseline_variance: float | None = None,
+    predict: str = "median",
+    generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """The battery's metrics of one predictor over window batches (from :class:`WindowDataset`).
 
     Args:
         model: the dynamics model, used when ``baseline`` is None (evaluated under ``no_grad`` on its device;
             the caller sets eval mode).
-        batches: dicts with at least ``context`` ``(B, W, D)``, ``target_delta``, ``last``, ``prev`` ``(B, D)``.
-        baseline: ``"persistence"`` or ``"linear"`` to score a baseline instead of ``model``.
-        spec: the window spec; needed by ``"linear"`` for its ``k/s`` scaling.
-        baseline_variance: the baseline's isotropic Gaussian variance σ² (standardised units²), e.g. from
-            :func:`fit_baseline_variance` on train windows; without it the baseline's NLL is NaN.
+        batches: dicts with ``context`` ``(B, W, D)``, ``target_delta``, ``last``, ``target``, ``prev`` ``(B, D)``.
+        unconditional: the fitted unconditional baseline for ``nll_baseline`` / ``dnll`` (NaN without it).
+        baseline: ``"persistence"`` or ``"linear"`` to score that predictor instead of ``model``.
+        spec: the window spec; needed by ``"linear"`` (its velocity scale).
+        baseline_variance: the predictor baseline's isotropic variance σ² (e.g. :func:`fit_baseline_variance` on
+            train windows); without it that predictor's ``nll`` is NaN.
+        predict, generator: the model's point prediction (``median | mean | sample``), see the module docstring.
 
     Returns:
-        ``{"nll_per_dim", "direction_cosine", "magnitude_log_error", "mse", "n_windows"}``; means are NaN over
-        zero windows.
+        the :data:`METRICS`; means are NaN over zero windows.
     """
     if baseline is None and model is None:
         raise ValueError("battery_metrics needs a model or a baseline")
     if baseline is not None and baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}; expected one of {BASELINES}")
     if baseline == "linear" and spec is None:
-        raise ValueError("the linear baseline needs the window spec (its k/s scaling)")
+        raise ValueError("the linear baseline needs the window spec (its velocity scale)")
     device = _model_device(model) if baseline is None else torch.device("cpu")
     has_density = baseline is None or baseline_variance is not None
     has_direction = baseline != "persistence"
-    sums = dict.fromkeys(("nll", "cos", "mag", "sq"), 0.0)
-    n_windows = n_values = 0
+    sums = _Sums()
     for batch in batches:
         delta = batch["target_delta"].to(device)
         if baseline is None:
             with torch.no_grad():
                 pred = model.predictive(batch["context"].to(device))
                 log_prob = pred.log_prob(delta).double()
-                mean = pred.mean().double()
-                direction = pred.direction().double()
-                norm = pred.magnitude().double()
+                point = point_prediction(pred, predict, generator=generator).double()
         else:
-            mean = baseline_delta(batch, baseline, spec).double()
-            direction, norm = mean, mean.norm(dim=-1)
+            point = baseline_delta(batch, baseline, spec).to(device).double()
             if baseline_variance is not None:
                 var = float(baseline_variance)
-                resid_sq = (delta.double() - mean).square().sum(-1)
+                resid_sq = (delta.double() - point).square().sum(-1)
                 log_prob = -0.5 * delta.shape[-1] * (_LOG_2PI + math.log(var)) - 0.5 * resid_sq / var
         delta = delta.double()
-        dim = delta.shape[-1]
         if has_density:
-            sums["nll"] += float((-log_prob / dim).sum())
-        if has_direction:
-            sums["cos"] += float(_cosine(direction, delta).sum())
-            sums["mag"] += float(_log_norm_error(norm, delta).sum())
-        target_hat = batch["last"].to(device).double() + mean
-        sums["sq"] += float((target_hat - batch["target"].to(device).double()).square().sum())
-        n_windows += delta.shape[0]
-        n_values += delta.numel()
+            sums.add("nll", -log_prob)
+        if unconditional is not None:
+            sums.add("nll_b", -unconditional.log_prob(delta).double())
+        pred_norm = point.norm(dim=-1).clamp_min(NORM_FLOOR)
+        true_norm = delta.norm(dim=-1).clamp_min(NORM_FLOOR)
+        sums.add("cos", (point * delta).sum(-1) / (pred_norm * true_norm))
+        sums.add("ratio", pred_norm / true_norm)
+        sums.add("logmag_sq", (pred_norm.log() - true_norm.log()).square())
+        sums.add("logy", true_norm.log())
+        sums.add("logy_sq", true_norm.log().square())
+        target_hat = batch["last"].to(device).double() + point
+        sums.add("sq", (target_hat - batch["target"].to(device).double()).square())
+        sums.n += delta.shape[0]
+        sums.n_values += delta.numel()
 
-    def mean_of(key: str, count: int, present: bool = True) -> float:
-        return sums[key] / count if present and count > 0 else math.nan
-
+    nll = sums.mean("nll", has_density)
+    nll_baseline = sums.mean("nll_b", unconditional is not None)
     return {
-        "nll_per_dim": mean_of("nll", n_windows, has_density),
-        "direction_cosine": mean_of("cos", n_windows, has_direction),
-        "magnitude_log_error": mean_of("mag", n_windows, has_direction),
-        "mse": mean_of("sq", n_values),
-        "n_windows": float(n_windows),
+        "nll": nll,
+        "nll_baseline": nll_baseline,
+        "dnll": nll - nll_baseline,
+        "cos": sums.mean("cos", has_direction),
+        "logmag_r2": sums.logmag_r2() if has_direction else math.nan,
+        "mag_ratio": sums.mean("ratio"),
+        "mse": sums.totals["sq"] / sums.n_values if sums.n_values else math.nan,
+        "n_windows": float(sums.n),
     }
 
 
 def _check_model_spec(model: Any, spec: WindowSpec) -> None:
-    for attr in ("context", "horizon", "context_stride"):
+    for attr in ("context", "horizon", "context_stride", "horizon_mode"):
         value = getattr(model, attr, None)
-        if value is not None and int(value) != getattr(spec, attr):
+        if value is not None and value != getattr(spec, attr):
             raise ValueError(
                 f"model.{attr} = {value} but the battery's window spec has {getattr(spec, attr)}"
             )
@@ -221,51 +245,70 @@ def run_battery(
     slices: Sequence[str] = SLICES,
     batch_size: int = 1024,
     energy_percentile: float = 50.0,
-    edge_frames: int = 4,
+    medial_range: Sequence[float] = MEDIAL_RANGE,
     max_windows: int | None = 50000,
     seed: int = 0,
+    standardize: bool = False,
+    predict: str = "median",
 ) -> list[dict[str, Any]]:
     """The Phase 1 battery of ``model`` (or only the baselines when None) on ``split``, per slice.
 
-    Each slice's windows are capped at ``max_windows`` by a seeded uniform subset; the baselines'
-    variances are fitted on the train split's windows of the same slice (capped the same way).
-    A model with ``context``/``horizon``/``context_stride`` attributes must match ``spec``.
+    Each slice's windows are capped at ``max_windows`` by a seeded uniform subset; the unconditional baseline
+    (the model head's ``baseline`` family; a diagonal Gaussian without a model) and the predictor baselines'
+    variances are fitted on the train split's windows of the same slice (capped the same way). Windows are in
+    the model's space (``standardize``). A model's geometry must match ``spec``.
 
     Returns:
         one row per (slice, predictor), predictors in :data:`PREDICTORS` order (``model`` only when given),
-        with ``split``, ``slice``, ``predictor``, ``horizon``, ``context``, ``context_stride``, ``dim``, the
-        :data:`METRICS` and ``baseline_sigma2`` (the fitted σ² of a baseline row, NaN for the model).
+        with ``split``, ``slice``, ``predictor``, the window geometry, ``dim``, the :data:`METRICS` and
+        ``baseline_sigma2`` (the fitted σ² of a predictor baseline's row, NaN for the model).
     """
     store = store if isinstance(store, LatentStore) else LatentStore(Path(store))
     if model is not None:
         _check_model_spec(model, spec)
+    family = getattr(model, "baseline", DiagonalGaussianBaseline)
     was_training = isinstance(model, torch.nn.Module) and model.training
     if isinstance(model, torch.nn.Module):
         model.eval()
-    window_kwargs = dict(energy_percentile=energy_percentile, edge_frames=edge_frames)
+    window_kwargs = dict(energy_percentile=energy_percentile, medial_range=medial_range)
+    generator = (
+        torch.Generator(device=_model_device(model)).manual_seed(seed) if predict == "sample" else None
+    )
+
+    def windows_of(which: str, slice_name: str) -> WindowDataset:
+        anchors = window_anchors(store, which, spec, slice_name, **window_kwargs)
+        return WindowDataset(store, subsample_anchors(anchors, max_windows, seed), spec, standardize)
+
+    def batches(windows: WindowDataset) -> Iterator[dict[str, torch.Tensor]]:
+        return iter_batches(windows, batch_size)
+
     rows: list[dict[str, Any]] = []
     try:
         for slice_name in slices:
-            anchors = window_anchors(store, split, spec, slice_name, **window_kwargs)
-            windows = WindowDataset(store, subsample_anchors(anchors, max_windows, seed), spec)
-            fit_anchors = window_anchors(store, TRAIN_SPLIT, spec, slice_name, **window_kwargs)
-            fit_windows = WindowDataset(store, subsample_anchors(fit_anchors, max_windows, seed), spec)
+            windows, fit_windows = windows_of(split, slice_name), windows_of(TRAIN_SPLIT, slice_name)
+            unconditional = (
+                fit_unconditional_baseline(family, batches(fit_windows)) if len(fit_windows) > 0 else None
+            )
             base = dict(
                 split=split,
                 slice=slice_name,
                 horizon=spec.horizon,
                 context=spec.context,
                 context_stride=spec.context_stride,
+                horizon_mode=spec.horizon_mode,
                 dim=store.dim,
             )
             if model is not None:
-                metrics = battery_metrics(model, iter_batches(windows, batch_size))
+                metrics = battery_metrics(
+                    model, batches(windows), unconditional=unconditional, predict=predict, generator=generator
+                )
                 rows.append({**base, "predictor": "model", **metrics, "baseline_sigma2": math.nan})
             for name in BASELINES:
-                var = fit_baseline_variance(iter_batches(fit_windows, batch_size), name, spec)
+                var = fit_baseline_variance(batches(fit_windows), name, spec)
                 metrics = battery_metrics(
                     None,
-                    iter_batches(windows, batch_size),
+                    batches(windows),
+                    unconditional=unconditional,
                     baseline=name,
                     spec=spec,
                     baseline_variance=None if math.isnan(var) else var,

@@ -1,34 +1,40 @@
-"""The injection diagnostic (DESIGN §9): roll a dynamics model forward from GT context windows with varying GT.
+"""The injection diagnostic (DESIGN §9, the reference's protocol): free-running rollouts with GT injected at
+different rates, scored step by step by the one-step likelihood of the true delta.
 
-From a GT segment, the model is rolled forward ``H`` steps of ``k = model.horizon`` frames under four modes:
+From each start ``t0`` the model is rolled forward ``K = k_steps`` steps. At step ``s = 1..K`` (frame
+``t = t0 + s - 1``) the model reads its context, the W frames ending at ``t - k`` of the *believed* trajectory
+(GT before ``t0``, the rollout's own states from ``t0`` on), and is scored on the **true** one-frame delta
+``Δ = x[t] - x[t-1]``:
 
-- ``A_teacher``: the context is reset to GT before every step (teacher forcing, the one-step error);
-- ``B_periodic``: GT re-injected every ``period`` steps, free-running in between;
-- ``C_one_shot``: free-running with a single GT re-injection at step ``inject_step``;
-- ``D_rollout``: pure free-running from the initial GT context.
+* ``nll`` = ``-log p(Δ | context)`` (nats per frame), ``nll_baseline`` under the unconditional baseline,
+  ``dnll`` = their difference;
+* ``cos`` = ``cos(Δ̂, Δ)`` and ``mag_ratio`` = ``‖Δ̂‖ / ‖Δ‖`` of the point prediction Δ̂ (``predict``);
+* ``state_err`` = ``‖x̂[t-1] - x[t-1]‖``, the believed state's error *before* the step, in the model's space;
+* extra keys: ``state_err_raw``, the same error in raw latent units (``raw_scale`` per dimension: the store's
+  std for a standardised model; for a centred, unwhitened PCA projection the inverse transform is an isometry,
+  so its raw-space error is this one and variants share one scale); ``mse`` = ``‖x̂'[t] - x[t]‖² / D`` and
+  ``manifold_dist`` (to the nearest train latent in a bank) of the step's prediction ``x̂'[t] = x̂[t-1] + Δ̂``
+  (corrected, before any injection replaces it).
 
-Geometry (``W = model.context``; ``model.context_stride`` must equal ``k`` so a rollout's own predictions
-land exactly on the context grid): a segment has frames ``0 .. L-1`` with ``L >= (W-1)k + 1 + Hk``; the
-context of step ``s`` is frames ``p_s - (W-1)k, ..., p_s`` (stride ``k``) with ``p_s = (W-1)k + sk``, and the
-model predicts frame ``p_s + k`` as ``last context frame + delta``. Only frames on the stride-``k`` grid are
-ever read, so the rollout works on that grid: grid index ``j`` is frame ``jk``, step ``s`` reads grid indices
-``s .. s+W-1`` and predicts grid index ``s+W``.
+The state then advances ``x̂[t] = x̂[t-1] + Δ̂`` (a correction, when given, maps it onto the manifold), unless
+GT is *injected after step s*: ``A_teacher`` after every step, ``B_periodic`` after ``inject_after_periodic``
+(4, 8, 12), ``C_one_shot`` after ``inject_after_one_shot`` (1), ``D_rollout`` never. An injection replaces the
+state frame only (``reset=frame``, the reference): the window keeps sliding one frame a step, so older
+predicted frames stay in it; ``reset=context`` resets the whole believed history to GT.
+
+Geometry: a *segment* of one start holds frames ``t0-k-W+1 .. t0+K-1`` (``L = W + k - 1 + K``), origin ``o =
+W + k - 1`` (= ``t0``). A model with ``horizon_mode=stride`` (and ``context_stride == horizon``) predicts
+``z[t+k] - z[t]`` from a stride-k context, which is the lag-1 model on every k-th frame: its segments are cut
+from trajectories subsampled by k and rolled with lag 1 (a step then spans k frames).
 
 Every mode, start point and sample is one row of a single batch (rows ordered mode-major, then start, then
-sample), and each step is one ``model.predictive`` call for the whole batch. Everything is in the
-standardised latent space; the caller standardises with the latent store's train mean/std.
-
-Corrections (Langevin, Tweedie) plug in through ``correction``: a map ``(B', D) -> (B', D)`` applied to every
-prediction of a *free-running* mode (any mode whose schedule is not GT at every step) before it enters the
-context buffer; the corrected frame is what the rollout produced, so it is also the frame the metrics score.
-Fully teacher-forced modes (``A_teacher``, or ``B_periodic`` with ``period == 1``) stay uncorrected: they are
-the reference the drift is measured against. GT frames are never corrected.
+sample), and each step is one ``model.predictive`` call for the whole batch. Everything is in the model's
+space (raw, or standardised when it was trained so). Fully teacher-forced rows are never corrected.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,46 +45,68 @@ import numpy as np
 import torch
 
 from latentdyn.diagnostics.manifold import DEFAULT_CHUNK, nearest_neighbour_distance
-from latentdyn.models.protocol import DeltaModel
+from latentdyn.jsonio import write_json_atomic
+from latentdyn.models.baselines import Baseline
+from latentdyn.models.geometry import RolloutGeometry, check_int, rollout_geometry
+from latentdyn.models.protocol import PREDICT, DeltaModel, point_prediction
 
 MODES: tuple[str, ...] = ("A_teacher", "B_periodic", "C_one_shot", "D_rollout")
-METRICS: tuple[str, ...] = ("mse", "cosine", "nll", "manifold_dist", "norm_ratio")
-PREDICT: tuple[str, ...] = ("mean", "sample")
+#: The reference's per-step metrics, then our extra keys.
+METRICS: tuple[str, ...] = (
+    "nll",
+    "nll_baseline",
+    "dnll",
+    "cos",
+    "mag_ratio",
+    "state_err",
+    "state_err_raw",
+    "mse",
+    "manifold_dist",
+)
+RESETS: tuple[str, ...] = ("frame", "context")
 BANDS: tuple[str, ...] = ("percentile", "bootstrap")
+DIAG_FILE = "injection_diag.json"
+NORM_FLOOR = 1e-8
 
 Correction = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+def _check_steps(name: str, steps: Any, k_steps: int) -> list[int]:
+    if isinstance(steps, str) or not isinstance(steps, Sequence):
+        raise ValueError(f"{name} must be a list of 1-based step numbers, got {steps!r}")
+    out = [check_int(f"{name}[]", s, 1) for s in steps]
+    late = [s for s in out if s > k_steps]
+    if late:
+        raise ValueError(f"{name} has steps {late} beyond k_steps={k_steps}")
+    return sorted(set(out))
 
 
 @dataclass
 class InjectionConfig:
     """Settings of the injection diagnostic (``conf/diagnostic/injection.yaml``); validated on construction.
 
-    Beyond the YAML's fields: ``band`` (``percentile``: the central ``band_level`` range of the per-start
-    values; ``bootstrap``: a ``band_level`` bootstrap CI of the mean over starts, ``n_bootstrap``
-    resamples) and ``nn_chunk`` (bank rows per nearest-neighbour block, see ``manifold.py``).
-    ``n_samples`` and ``temperature`` only matter for ``predict == "sample"``; ``bank_size == 0`` means no bank.
+    Start points: ``n_utterances`` utterances of ``split`` (a seeded shuffle; utterances too short are passed
+    over), each cropped to its first ``max_frames`` frames, ``starts_per_utterance`` seeded starts each.
+    ``band``: how per-step bands over start points are drawn in ``per_step.csv`` and the plots
+    (``percentile``: the central ``band_level`` range; ``bootstrap``: a CI of the mean). ``bank_size == 0``:
+    no manifold bank. ``n_samples`` and ``temperature`` only matter for ``predict == "sample"``.
     """
 
     modes: list[str] = field(default_factory=lambda: list(MODES))
-    horizon: int = 32
-    n_starts: int = 256
-    period: int = 8
-    inject_step: int = 16
-    predict: str = "mean"
+    k_steps: int = 16
+    n_utterances: int = 16
+    starts_per_utterance: int = 8
+    max_frames: int = 2000
+    inject_after_periodic: list[int] = field(default_factory=lambda: [4, 8, 12])
+    inject_after_one_shot: list[int] = field(default_factory=lambda: [1])
+    reset: str = "frame"
+    predict: str = "median"
     n_samples: int = 1
     temperature: float = 1.0
     bank_size: int = 20000
-    divergence_factor: float = 2.0
+    baseline_max_windows: int | None = 200000
     split: str = "test"
-    seed: int = 0
+    seed: int = 42
     band: str = "percentile"
     band_level: float = 0.9
     n_bootstrap: int = 1000
@@ -86,7 +114,6 @@ class InjectionConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.modes, str) or not isinstance(self.modes, Sequence):
-            # Hydra passes a ListConfig, which is a Sequence; a bare string is a mistake.
             raise ValueError(f"modes must be a list of mode names from {MODES}, got {self.modes!r}")
         self.modes = [str(m) for m in self.modes]
         if not self.modes:
@@ -96,25 +123,32 @@ class InjectionConfig:
             raise ValueError(f"unknown injection mode(s) {unknown}; choose from {MODES}")
         if len(set(self.modes)) != len(self.modes):
             raise ValueError(f"modes must not repeat, got {self.modes}")
-        self.horizon = _check_int("horizon", self.horizon, 1)
-        self.n_starts = _check_int("n_starts", self.n_starts, 1)
-        self.period = _check_int("period", self.period, 1)
-        self.inject_step = _check_int("inject_step", self.inject_step, 0)
-        self.n_samples = _check_int("n_samples", self.n_samples, 1)
-        self.bank_size = _check_int("bank_size", self.bank_size, 0)
-        self.seed = _check_int("seed", self.seed, 0)
-        self.n_bootstrap = _check_int("n_bootstrap", self.n_bootstrap, 1)
-        self.nn_chunk = _check_int("nn_chunk", self.nn_chunk, 1)
+        self.k_steps = check_int("k_steps", self.k_steps, 1)
+        self.n_utterances = check_int("n_utterances", self.n_utterances, 1)
+        self.starts_per_utterance = check_int("starts_per_utterance", self.starts_per_utterance, 1)
+        self.max_frames = check_int("max_frames", self.max_frames, 2)
+        self.inject_after_periodic = _check_steps(
+            "inject_after_periodic", self.inject_after_periodic, self.k_steps
+        )
+        self.inject_after_one_shot = _check_steps(
+            "inject_after_one_shot", self.inject_after_one_shot, self.k_steps
+        )
+        if self.reset not in RESETS:
+            raise ValueError(f"reset must be one of {RESETS}, got {self.reset!r}")
         if self.predict not in PREDICT:
             raise ValueError(f"predict must be one of {PREDICT}, got {self.predict!r}")
+        self.n_samples = check_int("n_samples", self.n_samples, 1)
+        self.bank_size = check_int("bank_size", self.bank_size, 0)
+        if self.baseline_max_windows is not None:
+            self.baseline_max_windows = check_int("baseline_max_windows", self.baseline_max_windows, 1)
+        self.seed = check_int("seed", self.seed, 0)
+        self.n_bootstrap = check_int("n_bootstrap", self.n_bootstrap, 1)
+        self.nn_chunk = check_int("nn_chunk", self.nn_chunk, 1)
         if self.band not in BANDS:
             raise ValueError(f"band must be one of {BANDS}, got {self.band!r}")
         self.temperature = float(self.temperature)
         if not math.isfinite(self.temperature) or self.temperature <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
-        self.divergence_factor = float(self.divergence_factor)
-        if not math.isfinite(self.divergence_factor) or self.divergence_factor <= 0:
-            raise ValueError(f"divergence_factor must be a finite number > 0, got {self.divergence_factor}")
         self.band_level = float(self.band_level)
         if not 0 < self.band_level < 1:
             raise ValueError(f"band_level must lie in (0, 1), got {self.band_level}")
@@ -123,139 +157,145 @@ class InjectionConfig:
 
     @property
     def samples_per_start(self) -> int:
-        """Rollouts per start point: ``n_samples`` when sampling, 1 for the (deterministic) mean."""
+        """Rollouts per start point: ``n_samples`` when sampling, 1 for a deterministic point prediction."""
         return self.n_samples if self.predict == "sample" else 1
 
-
-def injection_schedule(mode: str, horizon: int, period: int, inject_step: int) -> torch.Tensor:
-    """``(H,)`` bool: True where the context is (re)set from GT before predicting step ``s`` (``s = 0..H-1``)."""
-    steps = torch.arange(horizon)
-    if mode == "A_teacher":
-        return torch.ones(horizon, dtype=torch.bool)
-    if mode == "B_periodic":
-        if period < 1:
-            raise ValueError(f"period must be >= 1, got {period}")
-        return steps % period == 0
-    if mode == "C_one_shot":
-        return (steps == 0) | (steps == inject_step)
-    if mode == "D_rollout":
-        return steps == 0
-    raise ValueError(f"unknown injection mode {mode!r}; choose from {MODES}")
-
-
-def segment_frames(model: DeltaModel, horizon: int) -> tuple[int, int]:
-    """``(window, horizon_frames)`` for ``sample_start_segments``: the context span ``(W-1)k + 1`` and ``Hk``."""
-    w, k = _model_geometry(model)
-    return (w - 1) * k + 1, horizon * k
+    def inject_after(self, mode: str) -> torch.Tensor:
+        """``(K,)`` bool: True where GT is injected after step ``s`` (index ``s - 1``)."""
+        steps = {
+            "A_teacher": range(1, self.k_steps + 1),
+            "B_periodic": self.inject_after_periodic,
+            "C_one_shot": self.inject_after_one_shot,
+            "D_rollout": (),
+        }
+        if mode not in steps:
+            raise ValueError(f"unknown injection mode {mode!r}; choose from {MODES}")
+        out = torch.zeros(self.k_steps, dtype=torch.bool)
+        for s in steps[mode]:
+            out[s - 1] = True
+        return out
 
 
-def sample_start_segments(
-    trajectories: Sequence[np.ndarray | torch.Tensor],
-    window: int,
-    horizon_frames: int,
-    n_starts: int,
-    seed: int,
-) -> torch.Tensor:
-    """GT segments ``(N, window + horizon_frames, D)`` float32 cut from trajectories ``(T_i, D)``.
+@dataclass
+class StartPoints:
+    """GT segments ``(N, L, D)`` float32 of the chosen starts, and where they come from."""
 
-    Start points are drawn uniformly over all valid positions of all utterances long enough (a seeded numpy
-    ``Generator``): without replacement when there are at least ``n_starts`` positions, with replacement
-    otherwise. Segments come in corpus order (utterance, then time). Deterministic for a given ``seed``.
-    """
-    need = _check_int("window", window, 1) + _check_int("horizon_frames", horizon_frames, 0)
-    _check_int("n_starts", n_starts, 1)
-    lengths = np.array([int(t.shape[0]) for t in trajectories], dtype=np.int64)
-    n_valid = np.clip(lengths - need + 1, 0, None)
-    total = int(n_valid.sum())
-    if total == 0:
-        longest = int(lengths.max()) if lengths.size else 0
-        raise ValueError(
-            f"no utterance is long enough for the injection diagnostic: a segment needs {need} frames "
-            f"(window {window} + horizon {horizon_frames}), the longest of {lengths.size} has {longest}"
-        )
-    rng = np.random.default_rng(seed)
-    flat = np.sort(rng.choice(total, size=n_starts, replace=n_starts > total))
-    offsets = np.concatenate([[0], np.cumsum(n_valid)])
-    utt = np.searchsorted(offsets, flat, side="right") - 1
-    starts = flat - offsets[utt]
-    segments = []
-    for u, t0 in zip(utt.tolist(), starts.tolist(), strict=True):
-        piece = trajectories[u][t0 : t0 + need]
-        # A copy: pieces are often read-only memmap views of a latent store.
-        segments.append(
-            piece.clone() if isinstance(piece, torch.Tensor) else torch.from_numpy(np.array(piece))
-        )
-    return torch.stack(segments).to(torch.float32)
+    segments: torch.Tensor
+    utterances: list[str]
+    starts: list[tuple[str, int]]
 
 
-def _model_geometry(model: DeltaModel) -> tuple[int, int]:
-    """``(W, k)`` of a model, checking that rollouts can advance on its context grid."""
-    for name in ("context", "horizon", "context_stride", "dim"):
-        if not hasattr(model, name):
-            raise ValueError(
-                f"the model lacks `{name}`; it must satisfy latentdyn.models.protocol.DeltaModel"
+def sample_starts(
+    trajectories: Sequence[tuple[str, np.ndarray | torch.Tensor]],
+    geometry: RolloutGeometry,
+    cfg: InjectionConfig,
+) -> StartPoints:
+    """The reference's start points: a seeded shuffle of the utterances (``seed + 123``), each cropped to
+    ``max_frames`` frames (after subsampling), the first ``n_utterances`` long enough to hold a segment, and
+    ``starts_per_utterance`` distinct starts ``t0`` in ``[W + k - 1, T - K - 1)`` each (``numpy`` generator
+    seeded with ``seed``, drawn utterance after utterance). ``trajectories``: ``(utt_id, (T, D))`` pairs."""
+    k_steps, origin = cfg.k_steps, geometry.origin
+    order = np.random.default_rng(cfg.seed + 123).permutation(len(trajectories))
+    rng = np.random.default_rng(cfg.seed)
+    segments: list[torch.Tensor] = []
+    used: list[str] = []
+    starts: list[tuple[str, int]] = []
+    for i in order.tolist():
+        utt_id, traj = trajectories[i]
+        x = traj[:: geometry.subsample][: cfg.max_frames]
+        first, stop = origin, int(x.shape[0]) - k_steps - 1
+        if stop <= first:
+            continue
+        t0s = np.sort(
+            rng.choice(
+                np.arange(first, stop), size=min(cfg.starts_per_utterance, stop - first), replace=False
             )
-    w = _check_int("model.context", model.context, 1)
-    k = _check_int("model.horizon", model.horizon, 1)
-    stride = _check_int("model.context_stride", model.context_stride, 1)
-    if stride != k:
-        raise ValueError(
-            f"rollouts need model.context_stride == model.horizon (got stride {stride}, horizon {k}): a step "
-            f"advances {k} frames, so its prediction only lands on the next context grid when the context is "
-            f"spaced {k} frames apart"
         )
-    return w, k
-
-
-def _check_predictive_shape(name: str, value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    if tuple(value.shape) != shape:
-        raise ValueError(f"model predictive `{name}` returned shape {tuple(value.shape)}, expected {shape}")
-    return value
+        for t0 in t0s.tolist():
+            piece = x[t0 - origin : t0 + k_steps]
+            segments.append(
+                piece.clone() if isinstance(piece, torch.Tensor) else torch.from_numpy(np.array(piece))
+            )
+            starts.append((utt_id, int(t0) * geometry.subsample))
+        used.append(utt_id)
+        if len(used) == cfg.n_utterances:
+            break
+    if not segments:
+        longest = max((int(t.shape[0]) for _, t in trajectories), default=0)
+        raise ValueError(
+            f"no utterance is long enough for the injection diagnostic: a start needs W + k + K + 1 = "
+            f"{origin + k_steps + 2} frames (after subsampling by {geometry.subsample}); the longest of "
+            f"{len(trajectories)} has {longest}"
+        )
+    return StartPoints(torch.stack(segments).to(torch.float32), used, starts)
 
 
 @dataclass
 class InjectionResult:
-    """Outcome of ``run_injection``.
+    """Outcome of :func:`run_injection`.
 
-    ``per_step``: tidy rows ``{mode, step, metric, mean, lo, hi}`` (band over start points, see the config).
-    ``per_start``: metric -> ``(M, N, H)`` float64 arrays (averaged over samples), plus ``divergence_step``
-    ``(M, N)`` (``H`` = never diverged). ``summaries``: mode -> metric -> float. ``frames_per_step`` is ``k``.
+    ``per_start``: metric -> ``(M, N, K)`` float64 (averaged over samples). ``per_step``: tidy rows ``{mode,
+    step, metric, mean, lo, hi}`` (steps 1-based, band over start points). ``frames_per_step``: frames a step
+    spans (k for a stride model, else 1).
     """
 
     modes: list[str]
-    per_step: list[dict[str, Any]]
     per_start: dict[str, np.ndarray]
-    summaries: dict[str, dict[str, float]]
+    per_step: list[dict[str, Any]]
     config: InjectionConfig
+    window_size: int
+    horizon_k: int
     frames_per_step: int
+    n_utterances: int
+
+    def mode_summary(self, mode: str) -> dict[str, float]:
+        """Overall means over steps and starts of every metric, plus ``state_err_at_K``."""
+        m = self.modes.index(mode)
+        out = {name: float(self.per_start[name][m].mean()) for name in METRICS}
+        out["state_err_at_K"] = float(self.per_start["state_err"][m][:, -1].mean())
+        out["state_err_raw_at_K"] = float(self.per_start["state_err_raw"][m][:, -1].mean())
+        return out
 
     def to_metrics(self) -> dict[str, float]:
-        """Flat ``{"D_rollout/auc_mse": ...}``; non-finite entries (e.g. no bank) are left out."""
+        """Flat ``{"D_rollout/dnll": ...}``; non-finite entries (e.g. no bank) are left out."""
         return {
             f"{mode}/{name}": value
-            for mode, metrics in self.summaries.items()
-            for name, value in metrics.items()
+            for mode in self.modes
+            for name, value in self.mode_summary(mode).items()
             if math.isfinite(value)
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready ``injection_diag.json`` content: config, summaries, curves mode -> metric -> mean/lo/hi."""
-        curves: dict[str, dict[str, dict[str, list[float | None]]]] = {}
-        for row in self.per_step:
-            slot = curves.setdefault(row["mode"], {}).setdefault(
-                row["metric"], {"mean": [], "lo": [], "hi": []}
-            )
-            for key in ("mean", "lo", "hi"):
-                slot[key].append(_json_float(row[key]))
+        """``injection_diag.json``: the reference's schema (``n_utterances, horizon_k, window_size, k_steps,
+        modes.<MODE>.{n, nll, nll_baseline, dnll, cos, mag_ratio, state_err, per_step[{step, n, ...}]}``), with
+        our extra metrics as extra keys and the settings under ``config``."""
+        modes: dict[str, Any] = {}
+        for m, mode in enumerate(self.modes):
+            n_starts = self.per_start["nll"].shape[1]
+            steps = [
+                {
+                    "step": s + 1,
+                    "n": n_starts,
+                    **{name: _json_float(self.per_start[name][m][:, s].mean()) for name in METRICS},
+                }
+                for s in range(self.config.k_steps)
+            ]
+            summary = {k: _json_float(v) for k, v in self.mode_summary(mode).items()}
+            modes[mode] = {"n": n_starts * self.config.k_steps, **summary, "per_step": steps}
         return {
-            "config": asdict(self.config),
+            "n_utterances": self.n_utterances,
+            "horizon_k": self.horizon_k,
+            "window_size": self.window_size,
+            "k_steps": self.config.k_steps,
             "frames_per_step": self.frames_per_step,
-            "summaries": {m: {k: _json_float(v) for k, v in s.items()} for m, s in self.summaries.items()},
-            "curves": curves,
+            "reset": self.config.reset,
+            "predict": self.config.predict,
+            "modes": modes,
+            "config": asdict(self.config),
         }
 
-    def write(self, out_dir: Path, frame_rate: float | None = None) -> list[Path]:
-        """Write ``per_step.csv``, ``metrics.json`` (summaries + config) and one PNG per metric; returns the paths.
+    def write(self, out_dir: Path, frame_rate: float | None = None, title: str | None = None) -> list[Path]:
+        """Write ``injection_diag.json``, ``per_step.csv`` and one PNG per metric; returns the paths.
 
         ``frame_rate`` (frames/s), if given, adds a seconds axis to the plots.
         """
@@ -263,144 +303,149 @@ class InjectionResult:
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        json_path = out_dir / DIAG_FILE
+        write_json_atomic(json_path, self.to_dict())
         csv_path = out_dir / "per_step.csv"
         with csv_path.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=["mode", "step", "metric", "mean", "lo", "hi"])
             writer.writeheader()
             writer.writerows(self.per_step)
-        json_path = out_dir / "metrics.json"
-        payload = {
-            "summaries": self.to_dict()["summaries"],
-            "metrics": self.to_metrics(),
-            "config": asdict(self.config),
-            "frames_per_step": self.frames_per_step,
-        }
-        json_path.write_text(json.dumps(payload, indent=2) + "\n")
         pngs = plot_injection_curves(
-            self.per_step, out_dir, frame_rate=frame_rate, frames_per_step=self.frames_per_step
+            self.per_step, out_dir, frame_rate=frame_rate, frames_per_step=self.frames_per_step, title=title
         )
-        return [csv_path, json_path, *pngs]
+        return [json_path, csv_path, *pngs]
 
 
 def _json_float(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def run_injection(
     model: DeltaModel,
     segments: torch.Tensor,
     cfg: InjectionConfig,
-    bank: torch.Tensor | None,
+    baseline: Baseline,
+    bank: torch.Tensor | None = None,
     correction: Correction | None = None,
+    n_utterances: int = 0,
+    raw_scale: torch.Tensor | None = None,
 ) -> InjectionResult:
-    """Run every mode of ``cfg`` from every GT segment ``(N, L, D)`` in one batch; metrics per step and start.
+    """Run every mode of ``cfg`` from every GT segment ``(N, L, D)`` (from :func:`sample_starts`) in one batch.
 
-    ``bank`` ``(M_bank, D)``: real latents for ``manifold_dist`` (NaN when None). ``correction``: see the module
-    docstring. The model is called under ``torch.no_grad`` (put it in eval mode first); the correction runs in
-    the caller's grad mode, so an autograd-based correction wraps itself in ``torch.enable_grad()``.
+    ``baseline``: the fitted unconditional baseline (``log_prob``) for ``nll_baseline``. ``bank`` ``(M, D)``: real
+    latents for ``manifold_dist`` (NaN when None). ``correction``: applied to every free-running state before
+    it enters the trajectory. ``raw_scale`` ``(D,)``: per-dimension factor from the model's space to raw
+    latent units for ``state_err_raw`` (None: the model works on raw latents). The model is called under
+    ``torch.no_grad`` (put it in eval mode first); the correction runs in the caller's grad mode, so an
+    autograd-based correction wraps itself in ``enable_grad``.
     """
-    w, k = _model_geometry(model)
+    geometry = rollout_geometry(model)
     if segments.ndim != 3:
         raise ValueError(f"segments must be (N, L, D), got shape {tuple(segments.shape)}")
     n, length, dim = segments.shape
     if dim != model.dim:
         raise ValueError(f"segments have D={dim} but model.dim={model.dim}")
-    horizon = cfg.horizon
-    need = (w - 1) * k + 1 + horizon * k
-    if length < need:
-        raise ValueError(
-            f"segments have {length} frames; W={w} context frames at stride k={k} and H={horizon} steps need "
-            f"(W-1)k + 1 + Hk = {need}"
-        )
+    need = geometry.segment_length(cfg.k_steps)
+    if length != need:
+        raise ValueError(f"segments have {length} frames; W + k - 1 + K = {need} are needed")
     if bank is not None and (bank.ndim != 2 or bank.shape[1] != dim):
         raise ValueError(f"bank must be (M, {dim}), got {tuple(bank.shape)}")
-    per_row = _rollout(model, segments[:, :need:k].to(torch.float32), cfg, w, bank, correction)
+    scale = (
+        torch.ones(dim) if raw_scale is None else torch.as_tensor(raw_scale, dtype=torch.float32).reshape(dim)
+    )
+    per_row = _rollout(
+        model,
+        segments.to(torch.float32),
+        cfg,
+        geometry,
+        baseline,
+        bank,
+        correction,
+        scale.to(segments.device),
+    )
     n_modes, samples = len(cfg.modes), cfg.samples_per_start
     per_start = {
-        name: values.reshape(horizon, n_modes, n, samples).mean(dim=3).permute(1, 2, 0).double().cpu().numpy()
+        name: values.reshape(cfg.k_steps, n_modes, n, samples)
+        .mean(dim=3)
+        .permute(1, 2, 0)
+        .double()
+        .cpu()
+        .numpy()
         for name, values in per_row.items()
     }
-    per_start["divergence_step"] = _divergence_steps(per_start["mse"], cfg)
     return InjectionResult(
         modes=list(cfg.modes),
-        per_step=_per_step_rows(per_start, cfg),
         per_start=per_start,
-        summaries=_summaries(per_start, cfg),
+        per_step=_per_step_rows(per_start, cfg),
         config=cfg,
-        frames_per_step=k,
+        window_size=geometry.window,
+        horizon_k=int(model.horizon),
+        frames_per_step=geometry.subsample,
+        n_utterances=int(n_utterances),
     )
 
 
 def _rollout(
     model: DeltaModel,
-    grid: torch.Tensor,
+    gt: torch.Tensor,
     cfg: InjectionConfig,
-    w: int,
+    geometry: RolloutGeometry,
+    baseline: Baseline,
     bank: torch.Tensor | None,
     correction: Correction | None,
+    raw_scale: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """Batched rollout on the stride-k grid ``(N, W+H, D)``; returns metric -> ``(H, M*N*S)`` per row and step."""
-    n, _, dim = grid.shape
-    horizon, samples, n_modes = cfg.horizon, cfg.samples_per_start, len(cfg.modes)
-    device = grid.device
+    """Batched rollout of segments ``(N, L, D)``; returns metric -> ``(K, M*N*S)`` per step and row."""
+    n, _, dim = gt.shape
+    w, lag, origin = geometry.window, geometry.lag, geometry.origin
+    samples, n_modes, k_steps = cfg.samples_per_start, len(cfg.modes), cfg.k_steps
+    device = gt.device
     rows = n_modes * n * samples
     start_of_row = (torch.arange(rows, device=device) // samples) % n
     mode_of_row = torch.arange(rows, device=device) // (n * samples)
-    schedules = torch.stack(
-        [injection_schedule(m, horizon, cfg.period, cfg.inject_step) for m in cfg.modes]
-    ).to(device)  # (M, H)
-    inject = schedules[mode_of_row]  # (rows, H)
-    corrected = ~inject.all(dim=1)  # rows of free-running modes
+    inject = torch.stack([cfg.inject_after(m) for m in cfg.modes]).to(device)[mode_of_row]  # (rows, K)
+    free_running = ~inject.all(dim=1)
     generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.predict == "sample" else None
 
-    out = {name: torch.empty(horizon, rows, device=device) for name in METRICS}
-    context = grid[start_of_row, :w]  # (rows, W, D)
-    for s in range(horizon):
-        gt_window = grid[start_of_row, s : s + w]
-        context = torch.where(inject[:, s, None, None], gt_window, context)
-        last = context[:, -1]
-        target = grid[start_of_row, s + w]
+    truth = gt[start_of_row]  # (rows, L, D)
+    states = truth.clone()  # the believed trajectory: GT before t0, the rollout's states from t0 on
+    out = {name: torch.empty(k_steps, rows, device=device) for name in METRICS}
+    for s in range(k_steps):
+        i = origin + s  # frame t = t0 + s (step s + 1)
+        context = states[:, i - lag - w + 1 : i - lag + 1]
+        x_prev, true_delta = states[:, i - 1], truth[:, i] - truth[:, i - 1]
         with torch.no_grad():
             dist = model.predictive(context)
-            log_prob = _check_predictive_shape("log_prob", dist.log_prob(target - last), (rows,))
-            if cfg.predict == "mean":
-                delta = _check_predictive_shape("mean", dist.mean(), (rows, dim))
-            else:
-                delta = _check_predictive_shape(
-                    "sample", dist.sample(temperature=cfg.temperature, generator=generator), (rows, dim)
-                )
-            pred = (last + delta).to(torch.float32)
-        if correction is not None and bool(corrected.any()):
-            pred = pred.clone()
-            pred[corrected] = correction(pred[corrected]).detach().to(torch.float32)
+            log_prob = dist.log_prob(true_delta).to(torch.float32)
+            delta = point_prediction(dist, cfg.predict, cfg.temperature, generator).to(torch.float32)
+            predicted = x_prev + delta
+        if correction is not None and bool(free_running.any()):
+            predicted = predicted.clone()
+            predicted[free_running] = correction(predicted[free_running]).detach().to(torch.float32)
         with torch.no_grad():
-            out["mse"][s] = (pred - target).pow(2).mean(dim=1)
-            out["cosine"][s] = torch.nn.functional.cosine_similarity(pred, target, dim=1, eps=1e-12)
-            out["nll"][s] = -log_prob.to(torch.float32) / dim
-            out["norm_ratio"][s] = torch.linalg.vector_norm(pred, dim=1) / torch.linalg.vector_norm(
-                target, dim=1
-            ).clamp_min(torch.finfo(torch.float32).tiny)
+            nll_baseline = -baseline.log_prob(true_delta).to(torch.float32)
+            pred_norm = torch.linalg.vector_norm(delta, dim=1).clamp_min(NORM_FLOOR)
+            true_norm = torch.linalg.vector_norm(true_delta, dim=1).clamp_min(NORM_FLOOR)
+            out["nll"][s] = -log_prob
+            out["nll_baseline"][s] = nll_baseline
+            out["dnll"][s] = -log_prob - nll_baseline
+            out["cos"][s] = (delta * true_delta).sum(1) / (pred_norm * true_norm)
+            out["mag_ratio"][s] = pred_norm / true_norm
+            out["state_err"][s] = torch.linalg.vector_norm(x_prev - truth[:, i - 1], dim=1)
+            out["state_err_raw"][s] = torch.linalg.vector_norm((x_prev - truth[:, i - 1]) * raw_scale, dim=1)
+            # The prediction itself (before any injection replaces it) against GT and the data manifold.
+            out["mse"][s] = (predicted - truth[:, i]).pow(2).mean(dim=1)
             out["manifold_dist"][s] = (
-                nearest_neighbour_distance(pred, bank, chunk=cfg.nn_chunk)
+                nearest_neighbour_distance(predicted, bank, chunk=cfg.nn_chunk)
                 if bank is not None
                 else float("nan")
             )
-        context = torch.cat([context[:, 1:], pred[:, None]], dim=1)
+        states[:, i] = torch.where(inject[:, s, None], truth[:, i], predicted)
+        if cfg.reset == "context":
+            reset_rows = inject[:, s]
+            states[reset_rows, : i + 1] = truth[reset_rows, : i + 1]
     return out
-
-
-def _divergence_steps(mse: np.ndarray, cfg: InjectionConfig) -> np.ndarray:
-    """First step whose (sample-averaged) MSE exceeds ``divergence_factor`` x the reference, per mode and start.
-
-    Reference: the mean ``A_teacher`` MSE at the same step when ``A_teacher`` runs, else the mean (over
-    starts) step-0 MSE of the same mode. Starts that never exceed it are censored at ``H``.
-    """
-    if "A_teacher" in cfg.modes:
-        reference = mse[cfg.modes.index("A_teacher")].mean(axis=0)[None, None, :]
-    else:
-        reference = mse[:, :, :1].mean(axis=1, keepdims=True)
-    exceeded = mse > cfg.divergence_factor * reference
-    return np.where(exceeded.any(axis=2), exceeded.argmax(axis=2), cfg.horizon).astype(np.float64)
 
 
 def _band(values: np.ndarray, cfg: InjectionConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -424,11 +469,11 @@ def _per_step_rows(per_start: dict[str, np.ndarray], cfg: InjectionConfig) -> li
             values = per_start[name][m]
             mean = values.mean(axis=0)
             lo, hi = _band(values, cfg) if np.isfinite(values).all() else (mean * np.nan, mean * np.nan)
-            for s in range(cfg.horizon):
+            for s in range(cfg.k_steps):
                 rows.append(
                     {
                         "mode": mode,
-                        "step": s,
+                        "step": s + 1,
                         "metric": name,
                         "mean": float(mean[s]),
                         "lo": float(lo[s]),
@@ -436,25 +481,3 @@ def _per_step_rows(per_start: dict[str, np.ndarray], cfg: InjectionConfig) -> li
                     }
                 )
     return rows
-
-
-def _summaries(per_start: dict[str, np.ndarray], cfg: InjectionConfig) -> dict[str, dict[str, float]]:
-    """Per mode: ``auc_mse`` is the *sum* over steps of the mean MSE (unit width per step), plus end/mean values."""
-    out: dict[str, dict[str, float]] = {}
-    for m, mode in enumerate(cfg.modes):
-        mean = {name: per_start[name][m].mean(axis=0) for name in METRICS}  # (H,) each
-        divergence = per_start["divergence_step"][m]
-        out[mode] = {
-            "auc_mse": float(mean["mse"].sum()),
-            "mse_at_H": float(mean["mse"][-1]),
-            "nll_mean": float(mean["nll"].mean()),
-            "nll_at_H": float(mean["nll"][-1]),
-            "cosine_mean": float(mean["cosine"].mean()),
-            "cosine_at_H": float(mean["cosine"][-1]),
-            "manifold_dist_mean": float(mean["manifold_dist"].mean()),
-            "manifold_dist_at_H": float(mean["manifold_dist"][-1]),
-            "norm_ratio_at_H": float(mean["norm_ratio"][-1]),
-            "divergence_step": float(divergence.mean()),
-            "diverged_fraction": float((divergence < cfg.horizon).mean()),
-        }
-    return out

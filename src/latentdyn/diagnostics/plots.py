@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 METRIC_LABELS: dict[str, str] = {
-    "mse": "MSE to GT (standardised)",
-    "cosine": "cosine to GT",
-    "nll": "NLL of GT / dim (nats)",
+    "dnll": "ΔNLL of the true delta vs baseline (nats/frame)",
+    "cos": "cos(Δ̂, Δ)",
+    "mag_ratio": "‖Δ̂‖ / ‖Δ‖",
+    "state_err": "state error ‖x̂[t-1] − x[t-1]‖",
+    "nll": "NLL of the true delta (nats/frame)",
+    "mse": "MSE of the state to GT",
     "manifold_dist": "NN distance to train bank",
-    "norm_ratio": "||z_hat|| / ||z_gt||",
 }
 
 
@@ -23,12 +25,13 @@ def plot_injection_curves(
     metrics: Sequence[str] = tuple(METRIC_LABELS),
     frame_rate: float | None = None,
     frames_per_step: int = 1,
+    title: str | None = None,
 ) -> list[Path]:
     """One PNG per metric (``injection_<metric>.png``): a line per mode (mean) and its band over start points.
 
     ``per_step`` holds tidy rows ``{mode, step, metric, mean, lo, hi}``. x is the rollout step; with
     ``frame_rate`` (frames/s) a top axis gives the time of the predicted frame after the context,
-    ``(step + 1) * frames_per_step / frame_rate`` seconds. A metric with no finite value (``manifold_dist``
+    ``step * frames_per_step / frame_rate`` seconds (steps are 1-based). A metric with no finite value (``manifold_dist``
     without a bank) gets no figure. Returns the written paths.
     """
     # A bare Figure renders with Agg and leaves pyplot's global backend and figure registry alone.
@@ -52,15 +55,17 @@ def plot_injection_curves(
             )
         ax.set_xlabel(f"rollout step ({frames_per_step} frame{'s' if frames_per_step != 1 else ''} each)")
         ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+        if title:
+            ax.set_title(f"{title} · {metric}", fontsize="medium")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", title="line: mean; band: over starts", title_fontsize="x-small")
         if frame_rate:
             seconds_per_step = frames_per_step / frame_rate
             top = ax.secondary_xaxis(
                 "top",
                 functions=(
-                    lambda s, d=seconds_per_step: (s + 1) * d,
-                    lambda t, d=seconds_per_step: t / d - 1,
+                    lambda s, d=seconds_per_step: s * d,
+                    lambda t, d=seconds_per_step: t / d,
                 ),
             )
             top.set_xlabel("time after context (s)")

@@ -15,50 +15,12 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from latentdyn.data.windows import WindowSpec
-from latentdyn.diagnostics.battery import run_battery, write_battery_table
-from latentdyn.experiments.common import build_datamodule, build_dynamics, checkpoint_dir
-from latentdyn.experiments.phase0 import prepare_latent_store
+from latentdyn.diagnostics.battery import write_battery_table
+from latentdyn.pipeline.store import prepare_latent_store
+from latentdyn.pipeline.train import KEY_METRICS, model_battery, train_horizon
 from latentdyn.tracking.run import METRICS_NAME, write_json
 
 log = logging.getLogger(__name__)
-
-KEY_METRICS = ("nll_per_dim", "direction_cosine", "magnitude_log_error", "mse")
-
-
-def train_horizon(cfg: DictConfig, store: Any, k: int, logger: Any) -> tuple[Any, Path, dict[str, float]]:
-    """Train one dynamics model at horizon ``k`` (with ``restore_best``: its best-validation weights);
-    returns the model, its checkpoint and the last logged train/val NLL."""
-    from latentdyn.models.training import RestoreBestValidation, build_trainer, seed_everything
-
-    seed_everything(cfg.seed)
-    model = build_dynamics(cfg, dim=store.dim, horizon=k)
-    model.metric_prefix = f"k{k}/"
-    datamodule = build_datamodule(cfg, store, model)
-    callbacks = [RestoreBestValidation(f"k{k}/val/nll_per_dim")] if cfg.restore_best else []
-    trainer = build_trainer(cfg, logger, callbacks)
-    log.info("training %s at k=%d on slice %s (%s)", cfg.model.name, k, cfg.datamodule.slice, store.root)
-    trainer.fit(model, datamodule=datamodule)
-    path = checkpoint_dir(cfg) / f"{cfg.model.name}_k{k}_final.ckpt"
-    trainer.save_checkpoint(path)
-    fit = {name: float(value) for name, value in trainer.callback_metrics.items() if "nll" in name}
-    return model.eval(), path, fit
-
-
-def model_battery(cfg: DictConfig, model: Any, store: Any) -> list[dict[str, Any]]:
-    """The Phase 1 battery (``cfg.battery``) of a trained model and the baselines, on the model's windows,
-    with the slice definitions the model was trained with (``cfg.datamodule``)."""
-    return run_battery(
-        model.net,
-        store,
-        WindowSpec(model.context, model.horizon, model.context_stride),
-        split=cfg.battery.split,
-        slices=list(cfg.battery.slices),
-        energy_percentile=cfg.datamodule.energy_percentile,
-        edge_frames=cfg.datamodule.edge_frames,
-        max_windows=cfg.battery.max_windows,
-        seed=cfg.seed,
-    )
 
 
 def run(cfg: DictConfig) -> dict[str, float]:

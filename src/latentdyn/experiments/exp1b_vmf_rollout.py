@@ -1,8 +1,11 @@
 """Exp 1B: rollout fine-tuning of an Exp 1 dynamics checkpoint, then the injection diagnostic before vs after.
 
 The checkpoint (``checkpoint=PATH|RUN_DIR|latest``, ``horizon_k`` picks the horizon in a run directory) is
-fine-tuned on the latent store it was trained on with the unrolled R-step loss and the scheduled-sampling
-ramp of :mod:`latentdyn.models.rollout`. Outputs in the run directory:
+fine-tuned on the latent store it was trained on with the reference's loss (:mod:`latentdyn.models.rollout`):
+the mean NLL of the true one-frame delta under the rollout's own context over K = 16 unrolled steps, plus 0.1
+x the teacher-forced NLL; the state advances by the point prediction without gradient; scheduled sampling
+feeds GT with a probability ramping 0.2 -> 0 over 2000 steps (AdamW 2e-4, 5000 steps, batch 256). Outputs in
+the run directory:
 
 * ``checkpoints/<name>_rollout_final.ckpt`` (``vmf_rollout_final.ckpt`` for a vMF model): a dynamics
   checkpoint (``load_dynamics``) whose embedded config has the source's data, representation and model;
@@ -23,15 +26,9 @@ import torch
 from omegaconf import DictConfig
 
 from latentdyn.data.latent_store import LatentStore
-from latentdyn.diagnostics.injection import (
-    InjectionResult,
-    run_injection,
-)
-from latentdyn.experiments.common import (
-    checkpoint_dir,
-    plain,
-)
-from latentdyn.experiments.exp2_injection import injection_inputs, store_of_checkpoint
+from latentdyn.diagnostics.injection import InjectionResult, run_injection
+from latentdyn.pipeline.common import checkpoint_dir, plain, window_datamodule
+from latentdyn.pipeline.injection import injection_inputs, store_of_checkpoint
 from latentdyn.tracking.lookup import resolve_checkpoint
 from latentdyn.tracking.run import METRICS_NAME, write_json
 
@@ -40,7 +37,7 @@ log = logging.getLogger(__name__)
 SOURCE_EXPERIMENT = "exp1_vmf"
 # Key metrics (results table): these modes' summaries, before and after fine-tuning.
 KEY_MODES = ("A_teacher", "D_rollout")
-KEY_SUMMARIES = ("auc_mse", "nll_mean")
+KEY_SUMMARIES = ("dnll", "cos", "state_err_at_K")
 # Config keys that describe the trained model and its data: inherited from the source checkpoint.
 INHERITED_KEYS = ("data", "representation", "model", "variant")
 
@@ -65,7 +62,6 @@ def build_finetune_module(cfg: DictConfig, source: Any, source_path: Path) -> An
     from latentdyn.models.rollout import RolloutFinetuneModule
 
     rollout = cfg.rollout
-    ramp = rollout.ramp_steps if rollout.ramp_steps is not None else cfg.trainer.max_steps
     optimizer = {
         "lr": float(cfg.lr),
         "weight_decay": float(rollout.weight_decay),
@@ -75,58 +71,48 @@ def build_finetune_module(cfg: DictConfig, source: Any, source_path: Path) -> An
         source,
         optimizer=optimizer,
         run_config=finetune_run_config(cfg, source.run_config, source_path),
-        rollout_steps=int(rollout.steps),
+        k_steps=int(rollout.k_steps),
+        teacher_weight=float(rollout.teacher_weight),
         feed=str(rollout.feed),
-        detach_feedback=bool(rollout.detach_feedback),
-        ramp_steps=int(ramp),
+        bptt=bool(rollout.bptt),
+        clip_delta_l2=None if rollout.clip_delta_l2 is None else float(rollout.clip_delta_l2),
+        teacher_prob_start=float(rollout.teacher_prob.start),
+        teacher_prob_end=float(rollout.teacher_prob.end),
+        ramp_steps=int(rollout.teacher_prob.ramp_steps),
         feed_seed=int(cfg.seed),
     )
 
 
 def rollout_datamodule(cfg: DictConfig, store: LatentStore, module: Any) -> Any:
-    """Window datamodule whose windows are ``module``'s whole ``W + R`` segments (see ``rollout_spec``)."""
-    from latentdyn.data.windows import LatentWindowDataModule
-
-    dm = cfg.datamodule
-    return LatentWindowDataModule(
-        store_root=store.root,
-        context=module.spec.context,
-        horizon=module.spec.horizon,
-        context_stride=module.spec.context_stride,
-        slice_name=dm.slice,
-        batch_size=dm.batch_size,
-        num_workers=dm.num_workers,
-        energy_percentile=dm.energy_percentile,
-        edge_frames=dm.edge_frames,
-        seed=cfg.seed,
-        max_val_windows=dm.max_val_windows,
-    )
+    """Window datamodule whose windows are ``module``'s whole ``W + k - 1 + K`` segments, in its space."""
+    return window_datamodule(cfg, store, module.segment_spec, module.standardized)
 
 
 def before_after(
     before: Any, after: Any, store: LatentStore, diag_cfg: DictConfig
 ) -> tuple[InjectionResult, InjectionResult, dict[str, Any]]:
-    """Injection diagnostics of two models with the same geometry on one set of start segments and bank.
+    """Injection diagnostics of two models with the same geometry and space on one set of start segments,
+    baseline and bank.
 
-    The segments are drawn as ``exp2_injection.injection_diagnostic`` draws them, so each result equals what
-    Exp 2 reports for that checkpoint. Returns both results and a description of the start points
-    (count, split, seed and a SHA-1 of the standardised segments).
+    The inputs are drawn as Exp 2 draws them, so each result equals what Exp 2 reports for that checkpoint.
+    Returns both results and a description of the start points (count, split, seed and a SHA-1 of the
+    segments).
     """
-    if (before.context, before.horizon, before.context_stride) != (
-        after.context,
-        after.horizon,
-        after.context_stride,
-    ):
-        raise ValueError("before/after models must share context, horizon and context stride")
-    inj, segments, bank = injection_inputs(before, store, diag_cfg)
+    geometry = ("context", "horizon", "context_stride", "horizon_mode", "standardized")
+    if any(getattr(before, name) != getattr(after, name) for name in geometry):
+        raise ValueError(f"before/after models must share {', '.join(geometry)}")
+    inputs = injection_inputs(before, store, diag_cfg)
+    args = (inputs.segments, inputs.config, inputs.baseline, inputs.bank)
+    extra = {"n_utterances": inputs.n_utterances, "raw_scale": inputs.raw_scale}
     with torch.no_grad():
-        results = run_injection(before, segments, inj, bank), run_injection(after, segments, inj, bank)
+        results = run_injection(before, *args, **extra), run_injection(after, *args, **extra)
     starts = {
-        "n_starts": int(segments.shape[0]),
-        "segment_frames": int(segments.shape[1]),
-        "split": inj.split,
-        "seed": inj.seed,
-        "segments_sha1": hashlib.sha1(segments.numpy().tobytes()).hexdigest(),
+        "n_starts": int(inputs.segments.shape[0]),
+        "n_utterances": inputs.n_utterances,
+        "segment_frames": int(inputs.segments.shape[1]),
+        "split": inputs.config.split,
+        "seed": inputs.config.seed,
+        "segments_sha1": hashlib.sha1(inputs.segments.numpy().tobytes()).hexdigest(),
     }
     return results[0], results[1], starts
 
@@ -135,7 +121,14 @@ def summary_payload(
     before: InjectionResult, after: InjectionResult, starts: dict[str, Any], details: dict[str, Any]
 ) -> dict[str, Any]:
     """``summary.json``: per mode the ``before``/``after`` summaries and ``delta = after - before``."""
-    before_s, after_s = before.to_dict()["summaries"], after.to_dict()["summaries"]
+    before_s, after_s = (
+        {mode: summary["modes"][mode] for mode in result.modes}
+        for summary, result in ((before.to_dict(), before), (after.to_dict(), after))
+    )
+    before_s, after_s = (
+        {mode: {k: v for k, v in s.items() if k not in ("per_step", "n")} for mode, s in side.items()}
+        for side in (before_s, after_s)
+    )
     delta = {
         mode: {
             name: (after_s[mode][name] - value)
@@ -185,16 +178,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
     with job_logger(cfg) as logger:
         trainer = build_trainer(cfg, logger)
         log.info(
-            "rollout fine-tuning: R=%d, feed=%s, ramp over %d steps, lr=%g, k=%d (%s)",
-            module.rollout_steps,
+            "rollout fine-tuning: K=%d, feed=%s, p_teacher %.2f -> %.2f over %d steps, lr=%g, k=%d (%s)",
+            module.k_steps,
             module.feed,
+            module.teacher_prob_start,
+            module.teacher_prob_end,
             module.ramp_steps,
             float(cfg.lr),
             module.horizon,
             store.root,
         )
         # Loaders, not the datamodule: Lightning refuses to log a module and a datamodule whose shared
-        # hparams differ, and the datamodule's context is the whole segment's (W + R - 1), not the model's W.
+        # hparams differ, and the datamodule's context is the whole segment's, not the model's W.
         trainer.fit(
             module,
             train_dataloaders=datamodule.train_dataloader(),
@@ -206,14 +201,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
     module.eval()
 
     before, after, starts = before_after(source.net, module.net, store, cfg.diagnostic)
-    diag = after.to_dict()
-    write_json(run_dir / "injection_diag.json", diag)
+    after.write(run_dir, frame_rate=store.frame_rate, title=f"Exp 1B after fine-tuning · {cfg.run_id}")
     details = {
         "source_checkpoint": str(source_path),
         "checkpoint": str(ckpt),
         "latent_store": str(store.root),
         "horizon_k": module.horizon,
-        "rollout": {**plain(cfg.rollout), "ramp_steps": module.ramp_steps, "lr": float(cfg.lr)},
+        "rollout": {**plain(cfg.rollout), "lr": float(cfg.lr)},
         "fit": fit,
     }
     write_json(run_dir / "summary.json", summary_payload(before, after, starts, details))

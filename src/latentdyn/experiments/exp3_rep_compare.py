@@ -1,20 +1,15 @@
 """Exp 3: do some representations roll out better than others? Mimi vs EnCodec (and log-mel).
 
-For each representation: its Phase 0 latent store (cached), Phase 1 models and battery, and the injection
-diagnostic. The comparison is made fair in two ways:
-
-- errors are in each store's train-standardised space, i.e. normalised by each representation's
-  per-dimension variance (an MSE of 1 means "as far off as the data's own spread", whatever D or scale);
-- horizons, contexts and rollout lengths are given in **seconds** and converted to frames at each frame
-  rate (12.5 Hz Mimi frames and 75 Hz EnCodec frames cover the same wall-clock span), and the divergence
-  step is reported as a divergence time in seconds.
-
-The injection diagnostic rolls out each representation's one-frame model at its native frame rate.
+For each representation: its Phase 0 latent store (cached), a Phase 1 model (the reference's MDN) per
+horizon k with the battery, and the injection diagnostic of its k = 1 model. As in the reference, horizons
+and the context are in frames (``horizons: [1, 2, 4, 8]``, W = 8 for both codecs, so a Mimi frame spans 80 ms
+and an EnCodec frame 13 ms); ``horizons_in=seconds`` instead converts ``horizon_seconds`` and
+``context_seconds`` to frames at each frame rate, so both codecs see the same wall-clock spans. ΔNLL against
+each representation's own baseline makes the NLLs comparable across dimensions and scales.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -23,13 +18,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from latentdyn.config import conf_dir
-from latentdyn.experiments.common import write_csv_rows
-from latentdyn.experiments.exp1_vmf import model_battery, train_horizon
-from latentdyn.experiments.exp2_injection import injection_diagnostic
-from latentdyn.experiments.phase0 import prepare_latent_store
+from latentdyn.pipeline.common import write_csv_rows
+from latentdyn.pipeline.injection import injection_diagnostic
+from latentdyn.pipeline.store import prepare_latent_store
+from latentdyn.pipeline.train import model_battery, train_horizon
 from latentdyn.tracking.run import METRICS_NAME, write_json
 
 log = logging.getLogger(__name__)
+
+# Per-mode injection summaries in summary.csv.
+INJECTION_COLUMNS = ("nll", "nll_baseline", "dnll", "cos", "mag_ratio", "state_err", "state_err_at_K")
 
 
 def seconds_to_frames(seconds: float, frame_rate: float, what: str = "horizon") -> int:
@@ -64,60 +62,51 @@ def representation_config(cfg: DictConfig, name: str) -> DictConfig:
     return rep_cfg
 
 
+HORIZON_UNITS = ("frames", "seconds")
+
+
+def horizons_and_context(cfg: DictConfig, frame_rate: float) -> tuple[list[int], int]:
+    """The horizons k and the context W in frames at ``frame_rate`` (see the module docstring)."""
+    if cfg.horizons_in == "frames":
+        return [int(k) for k in cfg.horizons], int(cfg.model.context)
+    if cfg.horizons_in == "seconds":
+        horizons = [seconds_to_frames(float(s), frame_rate) for s in cfg.horizon_seconds]
+        return list(dict.fromkeys(horizons)), seconds_to_frames(cfg.context_seconds, frame_rate, "context")
+    raise ValueError(f"horizons_in must be one of {HORIZON_UNITS}, got {cfg.horizons_in!r}")
+
+
 def compare_one(cfg: DictConfig, name: str, logger: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Phase 0, Phase 1 and the injection diagnostic of one representation; summary rows and its diagnostic."""
     rep_cfg = representation_config(cfg, name)
     store = prepare_latent_store(rep_cfg)
     fr = float(store.frame_rate)
-    context = seconds_to_frames(cfg.context_seconds, fr, "context")
+    horizons, context = horizons_and_context(cfg, fr)
     with open_dict(rep_cfg):
         rep_cfg.model.context = context
-    horizons = {float(s): seconds_to_frames(float(s), fr) for s in cfg.horizon_seconds}
+    identity = {"representation": name, "frame_rate": fr, "dim": store.dim, "context_frames": context}
     rows: list[dict[str, Any]] = []
     models: dict[int, Any] = {}
-    for seconds, k in horizons.items():
+    for k in horizons:
         model, _, _ = train_horizon(rep_cfg, store, k, logger)
         models[k] = model
-        battery = model_battery(rep_cfg, model, store)
-        for row in battery:
-            rows.append(
-                {
-                    "representation": name,
-                    "frame_rate": fr,
-                    "dim": store.dim,
-                    "horizon_s": seconds,
-                    "horizon_frames": k,
-                    "context_frames": context,
-                    **row,
-                }
-            )
+        for row in model_battery(rep_cfg, model, store):
+            rows.append({**identity, "horizon_frames": k, "horizon_s": k / fr, **row})
     one_frame = models[1] if 1 in models else train_horizon(rep_cfg, store, 1, logger)[0]
-    diag_cfg = rep_cfg.diagnostic.copy()
-    with open_dict(diag_cfg):
-        diag_cfg.horizon = seconds_to_frames(cfg.injection_seconds, fr, "injection horizon")
-        diag_cfg.period = seconds_to_frames(cfg.period_seconds, fr, "re-injection period")
-        diag_cfg.inject_step = seconds_to_frames(cfg.inject_seconds, fr, "one-shot injection time")
-    result = injection_diagnostic(one_frame.net, store, diag_cfg)
-    result.write(Path(rep_cfg.run_dir) / "injection", frame_rate=fr)
+    result = injection_diagnostic(one_frame.net, store, rep_cfg.diagnostic)
+    result.write(Path(rep_cfg.run_dir) / "injection", frame_rate=fr, title=f"Exp 3 injection · {name} · k=1")
     diag = result.to_dict()
     diag["frame_rate"] = fr
-    for mode, summary in result.summaries.items():
+    for mode in result.modes:
+        summary = result.mode_summary(mode)
         rows.append(
             {
-                "representation": name,
-                "frame_rate": fr,
-                "dim": store.dim,
+                **identity,
                 "predictor": "model",
                 "slice": "injection",
                 "mode": mode,
                 "horizon_frames": 1,
-                "context_frames": context,
-                "injection_steps": diag_cfg.horizon,
-                "auc_mse_s": summary["auc_mse"] / fr,
-                "mse_at_H": summary["mse_at_H"],
-                "nll_mean": summary["nll_mean"],
-                "divergence_time_s": summary["divergence_step"] / fr,
-                "diverged_fraction": summary["diverged_fraction"],
+                "k_steps": result.config.k_steps,
+                **{key: summary[key] for key in INJECTION_COLUMNS},
             }
         )
     return rows, diag
@@ -134,14 +123,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
             rep_rows, diagnostics[name] = compare_one(cfg, str(name), logger)
             rows += rep_rows
     write_csv_rows(rows, run_dir / "summary.csv")
-    (run_dir / "injection_diag.json").write_text(json.dumps(diagnostics, indent=2) + "\n")
+    write_json(run_dir / "injection_diag.json", diagnostics)
     key: dict[str, float] = {}
     for row in rows:
         rep = row["representation"]
         if row["slice"] == "injection" and row["mode"] == "D_rollout":
-            key[f"{rep}/D_rollout/divergence_time_s"] = row["divergence_time_s"]
-            key[f"{rep}/D_rollout/auc_mse_s"] = row["auc_mse_s"]
-        elif row.get("slice") == "all" and row["predictor"] == "model" and math.isfinite(row["nll_per_dim"]):
-            key[f"{rep}/h{row['horizon_s']:g}s/nll_per_dim"] = row["nll_per_dim"]
+            key[f"{rep}/D_rollout/dnll"] = row["dnll"]
+            key[f"{rep}/D_rollout/state_err_at_K"] = row["state_err_at_K"]
+        elif row.get("slice") == "all" and row["predictor"] == "model" and math.isfinite(row["dnll"]):
+            key[f"{rep}/k{row['horizon_frames']}/dnll"] = row["dnll"]
     write_json(run_dir / METRICS_NAME, key)
     return key

@@ -1,24 +1,29 @@
 """Exp 3B: perceptual validation of latent edits — decode GT and synthetically edited trajectories to WAV.
 
-For ``n_utterances`` utterances of ``split`` (a seeded choice, each cropped to its first ``max_seconds``),
-the GT trajectory ``z`` ``(T, D)`` is edited in the latent store's train-standardised space, the space the
-dynamics models live in (so "magnitude" and "direction" mean what they mean to a model; dimensions with
-a tiny train std cannot dominate), then mapped back to raw latents (:func:`~latentdyn.diagnostics.audio_io.raw_from_edit`) and decoded:
+The reference protocol (``tier1_exp3b_synthetic_audio.py``): for ``n_utterances`` utterances of ``split`` (a
+seeded choice; the reference: 10 eval utterances), the GT trajectory ``z`` ``(T, D)``, its first
+``T = min(n_frames, max_frames)`` frames (the reference: 200, 16 s of Mimi), is edited in ``edit_space`` and
+decoded with the store's representation:
 
 * ``A_stationary``: the latent frozen at the first frame, ``z'[t] = z[0]``;
-* ``B_slow`` (one file per ``alpha`` in ``alphas``): every delta scaled by α,
+* ``B_slow`` (one file per ``alpha`` in ``alphas``, the reference: 0.25, 0.5, 0.75): every delta scaled by α,
   ``z'[0] = z[0], z'[t+1] = z'[t] + α (z[t+1] - z[t])``, i.e. ``z'[t] = z[0] + α (z[t] - z[0])``;
 * ``C_wrong_dir``: true step magnitudes, directions uniform on the sphere,
-  ``z'[t+1] = z'[t] + ‖z[t+1] - z[t]‖ u_t`` (seeded by ``seed``).
+  ``z'[t+1] = z'[t] + ‖z[t+1] - z[t]‖ u_t`` (seeded by ``seed``, one generator for all utterances).
 
-``A_stationary`` and ``B_slow`` commute with the affine standardisation (the same edit in raw space gives
-the same raw latents); ``C_wrong_dir`` does not: its norms and random directions are standardised ones.
+``edit_space: raw`` (the reference, the default) edits the raw latents, so the norms of ``C_wrong_dir`` are
+raw delta norms; ``edit_space: standardized`` edits the latent store's train-standardised latents and maps
+them back with :func:`~latentdyn.diagnostics.audio_io.raw_from_edit` (dimensions with a tiny train std then
+cannot dominate a step). ``A_stationary`` and ``B_slow`` commute with the affine standardisation (both spaces
+give the same raw latents); ``C_wrong_dir`` does not.
 
-Outputs under the run directory: ``audio/<utt_id>/{gt_decoded,original,A_stationary,B_slow_a<α>,
-C_wrong_dir}.wav`` at the representation's rate; ``manifest.json`` with one entry per file (utterance,
-mode, α, path relative to the run directory, sample rate, duration, objective distances to the decoded GT)
-and the per-utterance reconstruction ceiling (decoded GT vs original audio); ``metrics.json`` with the
-mean distances per mode.
+Outputs under the run directory (:func:`~latentdyn.diagnostics.audio_io.write_listening_wav`):
+``audio/<utt_id>/{gt_decoded,original,A_stationary,B_slow_a<α>,C_wrong_dir}.wav`` resampled to
+``output_sample_rate`` (48 kHz, the reference's files) and the same signals at the representation's own rate
+under ``audio/<utt_id>/<rate>Hz/``; ``manifest.json`` with one entry per file (utterance, mode, α, both
+paths, sample rates, durations, objective distances to the decoded GT computed at the representation's rate)
+and the per-utterance reconstruction ceiling (decoded GT vs original audio); ``metrics.json`` with the mean
+distances per mode. The reference computes no distances.
 """
 
 from __future__ import annotations
@@ -29,14 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from latentdyn.data.latent_store import LatentStore, StoreUtterance
 from latentdyn.diagnostics.audio_io import (
     choose_utterances,
-    crop_frames,
     decode_latents,
     json_distances,
     load_original,
@@ -44,21 +47,23 @@ from latentdyn.diagnostics.audio_io import (
     objective_distances,
     raw_from_edit,
     reconstruction_ceiling,
-    relative,
     representation_from_store,
     safe_name,
     samples_per_frame,
     write_listening_outputs,
-    write_wav,
+    write_listening_wav,
 )
-from latentdyn.experiments.common import standardize
-from latentdyn.experiments.phase0 import prepare_latent_store, prepare_splits
+from latentdyn.pipeline.audio import corpus_audio_paths, utterance_latents
+from latentdyn.pipeline.common import standardize
+from latentdyn.pipeline.store import prepare_latent_store
 from latentdyn.representations.base import Representation
 
 log = logging.getLogger(__name__)
 
 GT_FILE = "gt_decoded"
 ORIGINAL_FILE = "original"
+#: Where the edits are made: ``raw`` latents (the reference) or the store's train-``standardized`` ones.
+EDIT_SPACES = ("raw", "standardized")
 
 
 def stationary(z: torch.Tensor) -> torch.Tensor:
@@ -103,7 +108,7 @@ def _check_trajectory(z: torch.Tensor) -> None:
 
 @dataclass(frozen=True)
 class Edit:
-    """One edited trajectory: its mode, α (B_slow only), file stem and ``(T, D)`` standardised latents."""
+    """One edited trajectory: its mode, α (B_slow only), file stem and ``(T, D)`` latents in the edit space."""
 
     mode: str
     alpha: float | None
@@ -117,28 +122,27 @@ def slow_stem(alpha: float) -> str:
 
 
 def synthetic_edits(z: torch.Tensor, alphas: list[float], generator: torch.Generator) -> list[Edit]:
-    """All edits of one standardised trajectory ``(T, D)``, in file order."""
+    """All edits of one trajectory ``(T, D)`` (in the edit space), in file order."""
     edits = [Edit("A_stationary", None, "A_stationary", stationary(z))]
     edits += [Edit("B_slow", float(a), slow_stem(float(a)), slow(z, float(a))) for a in alphas]
     edits.append(Edit("C_wrong_dir", None, "C_wrong_dir", wrong_direction(z, generator)))
     return edits
 
 
-def corpus_audio_paths(cfg: DictConfig) -> dict[str, str]:
-    """``utt_id -> audio file`` of every utterance in ``cfg.data``'s splits (the corpus behind a store)."""
-    return {u.utt_id: u.path for utts in prepare_splits(cfg).values() for u in utts}
+def edited_raw_latents(
+    store: LatentStore, raw: torch.Tensor, alphas: list[float], generator: torch.Generator, edit_space: str
+) -> list[tuple[Edit, torch.Tensor]]:
+    """The edits of the raw trajectory ``raw`` ``(T, D)`` made in ``edit_space``, each with its raw latents.
 
-
-def utterance_latents(store: LatentStore, utt: StoreUtterance, max_seconds: float | None) -> torch.Tensor:
-    """Raw ``(T, D)`` float32 latents of ``utt``, cropped to its first ``max_seconds``."""
-    n = crop_frames(utt.n_frames, max_seconds, store.frame_rate)
-    return torch.from_numpy(np.array(store.utterance_latents(utt)[:n], dtype=np.float32))
-
-
-def _file_entry(run_dir: Path, path: Path, info: dict[str, Any], **fields: Any) -> dict[str, Any]:
-    """A manifest entry: ``fields`` (utterance, mode, key, alpha, distances), the path relative to the run
-    directory, and the WAV's sample rate, length and duration."""
-    return {**fields, "path": relative(path, run_dir), **info}
+    ``raw``: edited as they are (the reference). ``standardized``: ``z = standardize(raw)`` is edited and each
+    edit mapped back with :func:`raw_from_edit` (bit-exact ``raw`` wherever the edit leaves a frame alone).
+    """
+    if edit_space == "raw":
+        return [(e, e.latents) for e in synthetic_edits(raw, alphas, generator)]
+    if edit_space == "standardized":
+        z = standardize(store, raw)
+        return [(e, raw_from_edit(store, raw, z, e.latents)) for e in synthetic_edits(z, alphas, generator)]
+    raise ValueError(f"edit_space must be one of {EDIT_SPACES}, got {edit_space!r}")
 
 
 def _utterance(
@@ -154,28 +158,28 @@ def _utterance(
     out_dir = run_dir / "audio" / safe_name(utt.utt_id)
     hop = samples_per_frame(rep.sample_rate, rep.frame_rate)
     scoring = {"with_stoi": bool(cfg.with_stoi), "with_pesq": bool(cfg.with_pesq)}
-    raw = utterance_latents(store, utt, cfg.max_seconds)
-    z = standardize(store, raw)
-    edits = synthetic_edits(z, [float(a) for a in cfg.alphas], generator)
-    waves = decode_latents(rep, torch.stack([raw, *(raw_from_edit(store, raw, z, e.latents) for e in edits)]))
+    raw = utterance_latents(store, utt, cfg.max_frames)
+    edits = edited_raw_latents(store, raw, [float(a) for a in cfg.alphas], generator, str(cfg.edit_space))
+    waves = decode_latents(rep, torch.stack([raw, *(latents for _, latents in edits)]))
     gt, sr = waves[0], int(rep.sample_rate)
     n_frames = int(raw.shape[0])
 
-    # The references (decoded GT, original audio) carry no distances; edits are scored against the GT.
+    # The references (decoded GT, original audio) carry no distances; edits are scored against the GT at the
+    # representation's rate, before resampling.
     files: list[tuple[str, str, float | None, torch.Tensor, dict[str, float | None] | None]] = [
         ("GT", GT_FILE, None, gt, None)
     ]
     original = load_original(audio_path, sr, gt.shape[-1]) if audio_path else None
     if original is not None:
         files.append(("original", ORIGINAL_FILE, None, original, None))
-    for edit, wave in zip(edits, waves[1:], strict=True):
+    for (edit, _), wave in zip(edits, waves[1:], strict=True):
         distances = json_distances(objective_distances(gt, wave, sr, **scoring))
         files.append((edit.mode, edit.stem, edit.alpha, wave, distances))
     entries = []
     for mode, stem, alpha, wave, distances in files:
-        path = out_dir / f"{stem}.wav"
+        written = write_listening_wav(out_dir, stem, wave, sr, int(cfg.output_sample_rate), run_dir)
         fields = {"utterance": utt.utt_id, "mode": mode, "key": stem, "alpha": alpha, "n_frames": n_frames}
-        entries.append(_file_entry(run_dir, path, write_wav(path, wave, sr), **fields, distances=distances))
+        entries.append({**fields, **written, "distances": distances})
     ceiling = json_distances(reconstruction_ceiling(original, gt, sr, hop, **scoring))
     log.info("%s: %d frames decoded to %s", utt.utt_id, n_frames, out_dir)
     return entries, {"utterance": utt.utt_id, "n_frames": n_frames, "distances": ceiling}
@@ -188,6 +192,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     alphas = [float(a) for a in cfg.alphas]
     if len({slow_stem(a) for a in alphas}) != len(alphas):
         raise ValueError(f"alphas must be distinct, got {alphas}")
+    if cfg.edit_space not in EDIT_SPACES:
+        raise ValueError(f"edit_space must be one of {EDIT_SPACES}, got {cfg.edit_space!r}")
     store = prepare_latent_store(cfg)
     rep = representation_from_store(store, resolve_device(cfg.extract.device))
     paths = corpus_audio_paths(cfg)
@@ -207,13 +213,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
     common = {
         "representation": store.meta["representation"],
         "sample_rate": int(rep.sample_rate),
+        "output_sample_rate": int(cfg.output_sample_rate),
         "frame_rate": store.frame_rate,
         "latent_store": str(store.root),
         "split": cfg.split,
-        "max_seconds": cfg.max_seconds,
+        "max_frames": cfg.max_frames,
         "alphas": alphas,
-        "edit_space": "standardised (store train mean/std)",
-        "reference": "distances of every edit are to the decoded GT latents (gt_decoded.wav)",
+        "edit_space": str(cfg.edit_space),
+        "reference": "distances of every edit are to the decoded GT latents (gt_decoded.wav), at the "
+        "representation's sample rate (the native files), before resampling",
     }
     metrics = write_listening_outputs(
         run_dir, common, entries, ceilings, per_mode, "modes", ceiling_mean, len(utts)

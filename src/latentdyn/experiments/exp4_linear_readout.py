@@ -1,22 +1,38 @@
-"""Exp 4: a linear readout baseline. Do low-dimensional PCA projections of the latents roll out better?
+"""Exp 4: a linear readout baseline. Does a low-dimensional PCA of the latents keep the predictable structure?
 
-The base latent store (``data`` x ``representation``) is projected onto its first ``k`` principal
-components for each ``k`` in ``pca.dims``. The PCA is fitted once, streaming, on the train split in the
-base store's train-standardised space (:mod:`latentdyn.representations.pca`) with ``max(dims)``
-components; each projection keeps the first ``k``. Projected stores are artifacts derived from the base
-store (kind ``pca``; the fit is kind ``pca_fit``), so no audio is re-encoded and a second run reuses them.
+Method (the reference study's Exp 4). The base latent store (``data`` x ``representation``) is projected onto
+its first ``d`` principal components for each ``d`` in ``pca.dims`` (the reference: 32 and 64 of Mimi's 512).
+The PCA is :class:`sklearn.decomposition.IncrementalPCA` streamed over the train split's frames, in
+``pca.space``: ``raw`` (the default, the reference) fits the raw latents, centred by the PCA mean and not
+whitened, so a projection is ``y = C_d (z - mu)`` with orthonormal rows ``C_d``; ``train_standardized`` fits
+the store's train-standardised latents instead (see :mod:`latentdyn.representations.pca`). One fit with
+``max(dims)`` components serves every ``d`` (its first ``d`` components; the reference fits each ``d``
+separately, which IncrementalPCA makes equal up to its streaming error). The fit (artifact ``pca_fit``) and
+each projected store (artifact ``pca``, float16 like every store) are cached and keyed on the base store,
+the dims and the space, so no audio is re-encoded, a second run reuses them, and the two spaces never mix.
 
-Each variant (``raw``, ``pca{k}``...) then gets Exp 1's Phase 1 (a dynamics model per horizon and the
-battery) and Exp 2's injection diagnostic (on a one-frame model). As in Exp 3, every error is measured
-in its own store's train-standardised space: for a projection that is the space of the components each
-scaled to unit variance, so an MSE of 1 means "as far off as that variant's own spread". The scale-free
-``k{k}_mse_vs_persistence`` (model MSE over the persistence baseline's) compares variants directly;
-``explained_variance_fraction`` and ``recon_mse_test`` (per base dimension, base standardised units) say
-what each projection throws away.
+Each variant (``raw``: the base store itself, and ``pca{d}``) then gets Phase 1: the reference's MDN
+(``model=gaussian_mdn``, 8 components, 2 x [Linear 512, GELU], 15k steps) per horizon ``k`` in ``horizons``
+(1, 2, 4, 8: the context lag, the target is always the one-frame delta) and the battery on each; and the
+injection diagnostic (the reference's 4 modes, K = 16 steps) on its ``k = 1`` model. NLL and ΔNLL are in
+nats per frame of each variant's own space (ΔNLL against that variant's unconditional baseline, so it is the
+comparable one); ``k{k}_mse_vs_persistence`` (model MSE over the persistence baseline's) is scale-free.
 
-Outputs: ``summary.csv`` (one row per variant), ``tables.csv`` (all battery rows), ``injection_diag.json``
-(variant -> injection diagnostic), ``explained_variance.csv`` / ``.png``, per-variant ``<variant>/``
-(checkpoints, ``injection/`` curves) and ``metrics.json``.
+The injection's ``state_err`` (``‖x̂[t-1] - x[t-1]‖``) is in each variant's space; ``state_err_raw`` puts
+every variant on the raw latent scale: the raw variant's error in raw units, and a ``raw``-space projection's
+own error, because decoding ``y -> C_d^T y + mu`` is an isometry on the components' span (the PCA mean
+cancels in a difference, and the stored float16 projections decode through the same linear map). It is the
+distance between the decoded rollout and the decoded, projected ground truth; the frame's reconstruction
+residual (orthogonal to the span, ``recon_mse_test`` per dimension on average) is left out. A
+``train_standardized`` projection decodes with a per-dimension rescaling, which is not an isometry, so its
+``state_err_raw`` columns are NaN.
+
+Outputs: ``summary.csv`` (one row per variant: dim, ``explained_variance_fraction``, ``recon_mse_test``,
+per horizon ``k{k}_{nll,dnll,cos,logmag_r2,mag_ratio,mse}`` of the model on the training slice and
+``k{k}_mse_vs_persistence``, per injection mode ``{mode}_{dnll,cos,mag_ratio,state_err,state_err_at_K,
+state_err_raw,state_err_raw_at_K}``), ``tables.csv`` (all battery rows), ``injection_diag.json`` (variant ->
+injection diagnostic), ``explained_variance.csv`` / ``.png``, per-variant ``<variant>/`` (checkpoints,
+``injection/`` curves) and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -33,14 +49,16 @@ from omegaconf import DictConfig, open_dict
 
 from latentdyn import artifacts
 from latentdyn.data.latent_store import LatentStore
-from latentdyn.experiments.common import plain, write_csv_rows
-from latentdyn.experiments.exp1_vmf import KEY_METRICS, model_battery, train_horizon
-from latentdyn.experiments.exp2_injection import KEY_SUMMARIES, injection_diagnostic
-from latentdyn.experiments.phase0 import prepare_latent_store
+from latentdyn.pipeline.common import plain, write_csv_rows
+from latentdyn.pipeline.injection import injection_diagnostic
+from latentdyn.pipeline.store import prepare_latent_store
+from latentdyn.pipeline.train import model_battery, train_horizon
 from latentdyn.representations.pca import (
     SPACE,
     PCAFit,
+    check_space,
     fit_incremental_pca,
+    projection_space,
     reconstruction_mse,
     write_projected_store,
 )
@@ -49,11 +67,24 @@ from latentdyn.tracking.run import METRICS_NAME, record_weights, write_json
 log = logging.getLogger(__name__)
 
 # Bump when the content of a fit or a projected store changes, so stale caches are not reused.
-PCA_FIT_VERSION = 1
-PCA_STORE_VERSION = 1
+PCA_FIT_VERSION = 2
+PCA_STORE_VERSION = 2
 RAW = "raw"
+# Battery metrics of the model row (training slice) per horizon in summary.csv, as k{k}_{metric}.
+BATTERY_COLUMNS = ("nll", "dnll", "cos", "logmag_r2", "mag_ratio", "mse")
+# Injection summaries per mode in summary.csv, as {mode}_{summary} (InjectionResult.mode_summary keys).
+INJECTION_COLUMNS = (
+    "dnll",
+    "cos",
+    "mag_ratio",
+    "state_err",
+    "state_err_at_K",
+    "state_err_raw",
+    "state_err_raw_at_K",
+)
+RAW_SCALE_COLUMNS = ("state_err_raw", "state_err_raw_at_K")
 # Per-variant entries that go to the results table (metrics.json and summary.csv have them all).
-KEY_COLUMNS = ("k1_nll_per_dim", "k1_mse_vs_persistence", "D_rollout_auc_mse", "D_rollout_divergence_step")
+KEY_COLUMNS = ("k1_dnll", "D_rollout_dnll", "D_rollout_state_err_raw_at_K")
 
 
 def store_identity(store: LatentStore) -> dict[str, Any]:
@@ -77,26 +108,37 @@ def pca_dims(cfg: DictConfig) -> list[int]:
     return sorted(set(dims))
 
 
+def pca_space(cfg: DictConfig) -> str:
+    """``pca.space`` (``raw`` when unset), validated (ValueError for an unknown space)."""
+    return check_space(str(cfg.pca.get("space", SPACE)))
+
+
 def fit_spec(cfg: DictConfig, base_store: LatentStore, n_components: int) -> dict[str, Any]:
-    """Everything that determines a PCA fit: the base store, the number of components, the fit settings."""
+    """Everything that determines a PCA fit: the base store, the number of components, the space, the fit
+    settings."""
     return {
         "version": PCA_FIT_VERSION,
         "base_store": store_identity(base_store),
         "n_components": int(n_components),
-        "space": SPACE,
+        "space": pca_space(cfg),
         "split": "train",
         "chunk_frames": int(cfg.pca.chunk_frames),
     }
 
 
 def prepare_pca_fit(cfg: DictConfig, base_store: LatentStore, n_components: int) -> tuple[PCAFit, Path]:
-    """The PCA fit with ``n_components`` on the base store's train split (artifact ``pca_fit``)."""
+    """The PCA fit with ``n_components`` on the base store's train split in ``pca.space`` (artifact
+    ``pca_fit``)."""
+    space = pca_space(cfg)
 
     def build(tmp: Path) -> None:
-        fit = fit_incremental_pca(base_store, n_components, chunk_frames=int(cfg.pca.chunk_frames))
+        fit = fit_incremental_pca(
+            base_store, n_components, chunk_frames=int(cfg.pca.chunk_frames), space=space
+        )
         fit.save(tmp)
         log.info(
-            "PCA fit: %d components on %d train frames in %d chunks, %.4f of the variance",
+            "PCA fit (%s space): %d components on %d train frames in %d chunks, %.4f of the variance",
+            space,
             n_components,
             fit.n_samples,
             fit.n_chunks,
@@ -105,13 +147,17 @@ def prepare_pca_fit(cfg: DictConfig, base_store: LatentStore, n_components: int)
 
     spec = fit_spec(cfg, base_store, n_components)
     path = artifacts.get_or_build(Path(cfg.paths.cache_dir), "pca_fit", spec, build, force=cfg.force)
-    return PCAFit.load(path), path
+    fit = PCAFit.load(path)
+    if fit.space != space:
+        raise ValueError(f"the cached PCA fit {path} is in space {fit.space!r}, expected {space!r}")
+    return fit, path
 
 
 def prepare_projected_store(cfg: DictConfig, base_store: LatentStore, dim: int) -> LatentStore:
     """The base store projected onto its first ``dim`` principal components (artifact ``pca``).
 
-    The fit has ``max(pca.dims + [dim])`` components and is shared by every projection of the run.
+    The fit has ``max(pca.dims + [dim])`` components and is shared by every projection of the run; its
+    spec (with the space) is part of the store's, so projections of different spaces are different stores.
     """
     n_components = max([*pca_dims(cfg), int(dim)])
     spec = {
@@ -153,7 +199,7 @@ def write_explained_variance(fit: PCAFit, dims: list[int], run_dir: Path) -> lis
         ax.axvline(k, color="C3", linestyle=":", linewidth=1)
         ax.annotate(f"{cumulative[k - 1]:.3f}", (k, cumulative[k - 1]), fontsize="small")
     ax.set_xlabel(f"principal component (of {fit.input_dim} dims)")
-    ax.set_ylabel("fraction of train variance (standardised)")
+    ax.set_ylabel(f"fraction of train variance ({fit.space.replace('_', ' ')})")
     ax.set_ylim(0.0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
@@ -172,12 +218,44 @@ def variant_config(cfg: DictConfig, name: str, store: LatentStore) -> DictConfig
     return var_cfg
 
 
+def raw_scale_is_isometric(store: LatentStore) -> bool:
+    """Whether a variant's ``state_err_raw`` is a raw latent-space distance: true for the base store and for
+    a ``raw``-space projection (an isometry on its span), false for a ``train_standardized`` one."""
+    return projection_space(store) in (None, "raw")
+
+
+def horizon_columns(k: int, rows: list[dict[str, Any]], slice_name: str) -> dict[str, float]:
+    """Summary columns of horizon ``k`` from its battery ``rows``: the model row on ``slice_name`` (the training
+    slice) as ``k{k}_{metric}`` and ``k{k}_mse_vs_persistence`` (NaN without a persistence row)."""
+    by_predictor = {r["predictor"]: r for r in rows if r["slice"] == slice_name}
+    model = by_predictor["model"]
+    out = {f"k{k}_{m}": float(model[m]) for m in BATTERY_COLUMNS}
+    persistence = by_predictor.get("persistence")
+    out[f"k{k}_mse_vs_persistence"] = (
+        float(model["mse"]) / float(persistence["mse"]) if persistence is not None else math.nan
+    )
+    return out
+
+
+def injection_columns(result: Any, isometric: bool) -> dict[str, float]:
+    """Summary columns ``{mode}_{summary}`` of an :class:`~latentdyn.diagnostics.injection.InjectionResult`;
+    the raw-scale state errors are NaN when the variant's space is not isometric to the raw latents."""
+    out: dict[str, float] = {}
+    for mode in result.modes:
+        summary = result.mode_summary(mode)
+        for key in INJECTION_COLUMNS:
+            value = float(summary[key])
+            out[f"{mode}_{key}"] = value if isometric or key not in RAW_SCALE_COLUMNS else math.nan
+    return out
+
+
 def evaluate_variant(
     cfg: DictConfig, name: str, store: LatentStore, logger: Any
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """Phase 1 (per horizon) and the injection diagnostic of one variant.
+    """Phase 1 (per horizon) and the injection diagnostic (k = 1 model) of one variant.
 
-    Returns its summary row, its battery rows and its injection diagnostic (``to_dict`` plus dim and rate).
+    Returns its summary row, its battery rows and its injection diagnostic (``to_dict`` plus dim, rate and
+    whether ``state_err_raw`` is in raw latent units).
     """
     var_cfg = variant_config(cfg, name, store)
     row: dict[str, Any] = {"variant": name, "representation": store.meta["representation"], "dim": store.dim}
@@ -188,18 +266,28 @@ def evaluate_variant(
         models[k] = model
         rows = model_battery(var_cfg, model, store)
         battery_rows += [{"variant": name, **r} for r in rows]
-        by_predictor = {r["predictor"]: r for r in rows if r["slice"] == cfg.datamodule.slice}
-        row.update({f"k{k}_{m}": float(by_predictor["model"][m]) for m in KEY_METRICS})
-        if "persistence" in by_predictor:
-            row[f"k{k}_mse_vs_persistence"] = (
-                by_predictor["model"]["mse"] / by_predictor["persistence"]["mse"]
-            )
+        row.update(horizon_columns(k, rows, str(cfg.datamodule.slice)))
     one_frame = models[1] if 1 in models else train_horizon(var_cfg, store, 1, logger)[0]
     result = injection_diagnostic(one_frame.net, store, var_cfg.diagnostic)
-    result.write(Path(var_cfg.run_dir) / "injection", frame_rate=store.frame_rate)
-    for mode, summary in result.summaries.items():
-        row.update({f"{mode}_{s}": float(summary[s]) for s in KEY_SUMMARIES})
-    diag = {**result.to_dict(), "dim": store.dim, "frame_rate": store.frame_rate}
+    result.write(
+        Path(var_cfg.run_dir) / "injection",
+        frame_rate=store.frame_rate,
+        title=f"Exp 4 injection · {name} ({store.dim} dims) · k=1",
+    )
+    isometric = raw_scale_is_isometric(store)
+    if not isometric:
+        log.warning(
+            "variant %s is a %s projection: its state_err_raw columns are NaN (not an isometry of raw latents)",
+            name,
+            projection_space(store),
+        )
+    row.update(injection_columns(result, isometric))
+    diag = {
+        **result.to_dict(),
+        "dim": store.dim,
+        "frame_rate": store.frame_rate,
+        "state_err_raw_is_raw_latent_units": isometric,
+    }
     return row, battery_rows, diag
 
 
@@ -209,8 +297,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    base = prepare_latent_store(cfg)
     dims = pca_dims(cfg)
+    space = pca_space(cfg)
+    if str(cfg.datamodule.slice) not in [str(s) for s in cfg.battery.slices]:
+        raise ValueError(
+            f"the training slice {cfg.datamodule.slice!r} must be one of battery.slices "
+            f"{list(cfg.battery.slices)}: the summary reports the battery on it"
+        )
+    base = prepare_latent_store(cfg)
     if dims[-1] > base.dim:
         raise ValueError(f"pca.dims {dims} exceed the dimension {base.dim} of {base.meta['representation']}")
     fit, fit_path = prepare_pca_fit(cfg, base, dims[-1])
@@ -230,7 +324,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             battery += rows
     write_csv_rows(summary, run_dir / "summary.csv")
     write_csv_rows(battery, run_dir / "tables.csv")
-    (run_dir / "injection_diag.json").write_text(json.dumps(diagnostics, indent=2) + "\n")
+    write_json(run_dir / "injection_diag.json", diagnostics)
     key = {
         f"{row['variant']}/{column}": float(row[column])
         for row in summary
@@ -240,6 +334,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     details = {
         "latent_store": str(base.root),
         "pca_fit": str(fit_path),
+        "pca_space": space,
         "projected_stores": {name: str(store.root) for name, store, _, _ in variants[1:]},
         "summary": summary,
         "config": plain(cfg.pca),

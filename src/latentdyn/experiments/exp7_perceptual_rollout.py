@@ -1,26 +1,34 @@
 """Exp 7: perceptual rollout evaluation — GT prefix -> L-step model rollout -> GT suffix, decoded to WAV.
 
-For ``n_utterances`` utterances of ``split`` (a seeded choice among those long enough, each cropped to its
-first ``max_seconds``) and every ``L`` in ``rollout_lengths``:
+The reference protocol (``tier2_exp7_perceptual_rollout.py``): for ``n_utterances`` utterances of ``split``
+(a seeded choice among those long enough; the reference: 10 eval utterances), each cropped to its first
+``T = min(n_frames, max_frames)`` frames (the reference: 200), and every ``L`` in ``rollout_lengths``:
 
-1. the prefix ends at frame ``p = round(prefix_seconds * frame_rate)``; the model (a k = 1 dynamics
-   checkpoint with ``context_stride == horizon == 1``) rolls forward ``L`` frames from the GT context
-   ``z[p-W .. p-1]`` in the latent store's standardised space, each step appending its prediction
-   ``z'[t+1] = z'[t] + Δ`` (``predict: mean``, the predictive mean; ``predict: sample``, a draw at
-   ``temperature`` seeded by ``seed``) to the context;
-2. the rolled-out frames replace GT frames ``[p, p+L)`` of the raw trajectory (GT prefix and suffix stay
-   bit-exact raw latents; ``L = 0`` is the GT trajectory itself);
-3. the spliced trajectory and the GT are decoded with the store's representation; the distances of the
-   spliced signal to the decoded GT are computed over the rolled-out span only, frames ``[p, p+L)`` ->
-   samples ``[p·hop, (p+L)·hop)`` at the representation's rate, before any resampling (spans shorter than
-   the spectral metrics' minimum get SI-SDR only);
-4. both are resampled to ``output_sample_rate`` (48 kHz) with torchaudio's windowed sinc and written.
+1. the rollout starts at frame ``s = T // 3 + W`` (``W``: the model's context); the model (a k = 1 dynamics
+   checkpoint: ``horizon_mode=lag`` with horizon 1, or ``stride`` with ``horizon == context_stride == 1``)
+   predicts frame ``t`` from the ``W`` frames ending at ``t - 1``, ``x'[t] = x'[t-1] + Δ̂``, starting from the
+   GT context ``x[s-W .. s-1]``, each prediction appended to the context; ``Δ̂`` is the point prediction
+   ``predict`` (:func:`~latentdyn.models.protocol.point_prediction`: ``median``, the reference's
+   ``rollout_mean``; ``mean``; ``sample``, a draw at ``temperature`` seeded by ``seed``);
+2. the model works in its own space (raw latents, or the store's train-standardised ones when the checkpoint
+   was trained with ``standardize=true``: :func:`~latentdyn.pipeline.common.to_model_space`); the rolled-out
+   frames are mapped back to raw latents and replace GT frames ``[s, s+L)``: the GT prefix and the GT suffix,
+   which resumes right after the span with no smoothing, stay bit-exact raw latents (``L = 0`` is the GT);
+3. the WHOLE spliced trajectory (frames ``0 .. T``) and the GT are decoded with the store's representation;
+   the distances of the spliced signal to the decoded GT are computed over the rolled-out span only, frames
+   ``[s, s+L)`` -> samples ``[s·hop, (s+L)·hop)`` at the representation's rate, before any resampling
+   (spans shorter than the spectral metrics' minimum get SI-SDR only; the reference computes none);
+4. both are written by :func:`~latentdyn.diagnostics.audio_io.write_listening_wav`: resampled to
+   ``output_sample_rate`` (48 kHz, the reference's files) and at the representation's own rate.
 
-All rollout lengths of an utterance share one rollout of ``max(L)`` steps (the L-step rollout is its
-prefix: the same context gives the same predictions, and a sampled rollout's first L draws are a sample of
-the L-step rollout). Outputs: ``audio/<utt>/gt.wav``, ``audio/<utt>/L{L:02d}.wav``, ``manifest.json`` (every
-file with its L, utterance, frame and sample spans, distances; the per-utterance reconstruction ceiling,
-decoded GT vs original audio at the representation's rate) and ``metrics.json`` (mean distances per L).
+An utterance is eligible when its longest rollout fits, ``s + max(L) <= T`` (the reference only skips
+``T < W + max(L) + 2`` and then drops the lengths that do not fit). All rollout lengths of an utterance share
+one rollout of ``max(L)`` steps (the L-step rollout is its prefix: the same context gives the same predictions,
+and a sampled rollout's first L draws are a sample of the L-step rollout). Outputs: ``audio/<utt>/gt.wav``,
+``audio/<utt>/L{L:02d}.wav`` (and their native-rate copies under ``audio/<utt>/<rate>Hz/``),
+``manifest.json`` (every file with its L, utterance, frame and sample spans, distances; the per-utterance
+reconstruction ceiling, decoded GT vs original audio at the representation's rate) and ``metrics.json``
+(mean distances per L).
 """
 
 from __future__ import annotations
@@ -36,27 +44,22 @@ from latentdyn.data.latent_store import LatentStore, StoreUtterance
 from latentdyn.diagnostics.audio_io import (
     choose_utterances,
     decode_latents,
-    destandardize,
     json_distances,
     load_original,
-    max_frames,
     mean_distances,
     objective_distances,
     reconstruction_ceiling,
-    relative,
     representation_from_store,
-    resample_waves,
     safe_name,
     samples_per_frame,
     write_listening_outputs,
-    write_wav,
+    write_listening_wav,
 )
-from latentdyn.diagnostics.injection import PREDICT
-from latentdyn.experiments.common import standardize
-from latentdyn.experiments.exp2_injection import dynamics_checkpoint
-from latentdyn.experiments.exp3b_synthetic_audio import corpus_audio_paths, utterance_latents
-from latentdyn.experiments.phase0 import prepare_latent_store
-from latentdyn.models.protocol import DeltaModel
+from latentdyn.models.protocol import PREDICT, DeltaModel, point_prediction
+from latentdyn.pipeline.audio import corpus_audio_paths, utterance_latents
+from latentdyn.pipeline.common import to_model_space, to_raw_space
+from latentdyn.pipeline.injection import dynamics_checkpoint
+from latentdyn.pipeline.store import prepare_latent_store
 from latentdyn.representations.base import Representation
 
 log = logging.getLogger(__name__)
@@ -70,16 +73,26 @@ def rollout_file(length: int) -> str:
 
 
 def frame_by_frame_context(model: DeltaModel) -> int:
-    """The context length ``W`` of a model that predicts the next frame from the previous ``W``.
+    """The context length ``W`` of a model that predicts ``x[t] - x[t-1]`` from the ``W`` frames ending at ``t-1``.
 
-    ValueError unless ``context_stride == horizon == 1``: splicing a rollout into a trajectory frame by
-    frame needs one prediction per frame, each appended to a stride-1 context.
+    That is a k = 1 model: ``horizon_mode=lag`` with horizon 1 (a lag-k model's context ends k frames before
+    the predicted frame), or ``horizon_mode=stride`` (also assumed for a model without ``horizon_mode``) with
+    ``horizon == context_stride == 1``. ValueError otherwise: a frame-by-frame rollout feeds each prediction
+    back as the newest context frame.
     """
     horizon, stride = int(model.horizon), int(model.context_stride)
-    if horizon != 1 or stride != 1:
+    mode = getattr(model, "horizon_mode", "stride")
+    if mode == "lag" and (horizon != 1 or stride != 1):
         raise ValueError(
-            f"Exp 7 splices rollouts frame by frame and needs a model with horizon == context_stride == 1; "
-            f"this one has horizon {horizon} and context_stride {stride} (use a k = 1 checkpoint)"
+            f"Exp 7 rolls out frame by frame and needs a k = 1 model (horizon 1); this horizon_mode=lag model "
+            f"has horizon {horizon} (its context ends {horizon} frames before the predicted frame) and "
+            f"context_stride {stride}: use a k = 1 checkpoint"
+        )
+    if mode != "lag" and (horizon != 1 or stride != 1):
+        raise ValueError(
+            f"Exp 7 rolls out frame by frame and needs a model with horizon == context_stride == 1; "
+            f"this horizon_mode={mode} model has horizon {horizon} and context_stride {stride} "
+            "(use a k = 1 checkpoint)"
         )
     return int(model.context)
 
@@ -90,15 +103,14 @@ def rollout(
     context: torch.Tensor,
     steps: int,
     *,
-    predict: str = "mean",
+    predict: str = "median",
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Free-running rollout: ``(N, W, D)`` standardised GT context -> ``(N, steps, D)`` predicted frames.
+    """Free-running rollout in the model's space: ``(N, W, D)`` GT context -> ``(N, steps, D)`` frames.
 
-    Frame ``i`` is ``previous frame + Δ_i`` with ``Δ_i`` the predictive mean (``predict="mean"``) or a draw
-    at ``temperature`` from ``generator`` (``predict="sample"``) given the last ``W`` frames, GT or
-    predicted.
+    Frame ``i`` is ``previous frame + Δ̂_i``, ``Δ̂_i`` the point prediction ``predict`` (``median``, ``mean``,
+    or ``sample``: a draw at ``temperature`` from ``generator``) given the last ``W`` frames, GT or predicted.
     """
     w = frame_by_frame_context(model)
     if context.dim() != 3 or context.shape[1] != w or context.shape[2] != model.dim:
@@ -110,14 +122,34 @@ def rollout(
     window = context.to(torch.float32)
     frames = []
     for _ in range(steps):
-        dist = model.predictive(window)
-        delta = (
-            dist.mean() if predict == "mean" else dist.sample(temperature=temperature, generator=generator)
-        )
+        delta = point_prediction(model.predictive(window), predict, temperature, generator)
         frame = (window[:, -1] + delta).to(torch.float32)
         frames.append(frame)
         window = torch.cat([window[:, 1:], frame[:, None]], dim=1)
     return torch.stack(frames, dim=1) if frames else context.new_zeros(context.shape[0], 0, context.shape[2])
+
+
+def raw_rollout(
+    model: DeltaModel,
+    store: LatentStore,
+    raw_context: torch.Tensor,
+    steps: int,
+    *,
+    standardized: bool,
+    predict: str = "median",
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """:func:`rollout` of raw GT context ``(N, W, D)`` -> raw frames ``(N, steps, D)`` float32 (CPU).
+
+    The context goes to the model's space (``standardized``: the store's train mean/std, else raw latents,
+    :func:`~latentdyn.pipeline.common.to_model_space`) on ``device`` (the model's), and the frames come back
+    with :func:`~latentdyn.pipeline.common.to_raw_space`.
+    """
+    context = to_model_space(store, raw_context.cpu(), standardized).to(device)
+    frames = rollout(model, context, steps, predict=predict, temperature=temperature, generator=generator)
+    return to_raw_space(store, frames.cpu(), standardized)
 
 
 def splice(trajectory: torch.Tensor, inserted: torch.Tensor, start: int) -> torch.Tensor:
@@ -147,15 +179,19 @@ def checkpoint_data_cfg(cfg: DictConfig, run_config: dict[str, Any]) -> DictConf
     return merged
 
 
-def prefix_frames(prefix_seconds: float, frame_rate: float, context: int) -> int:
-    """Frames of GT prefix, ``round(prefix_seconds * frame_rate)``; ValueError when shorter than the context."""
-    p = round(float(prefix_seconds) * frame_rate)
-    if p < context:
-        raise ValueError(
-            f"prefix_seconds={prefix_seconds} is {p} frames at {frame_rate} Hz, fewer than the model's "
-            f"context of {context} frames"
-        )
-    return p
+def rollout_start(n_frames: int, context: int) -> int:
+    """The reference's first rolled-out frame of a ``T = n_frames`` trajectory, ``T // 3 + W``."""
+    if n_frames < 1 or context < 1:
+        raise ValueError(f"need n_frames >= 1 and context >= 1, got {n_frames} and {context}")
+    return int(n_frames) // 3 + int(context)
+
+
+def min_trajectory_frames(context: int, longest: int) -> int:
+    """The shortest ``T`` whose rollout span fits, ``T // 3 + W + longest <= T`` (``T - T // 3`` grows with T)."""
+    t = int(context) + int(longest)
+    while rollout_start(t, context) + longest > t:
+        t += 1
+    return t
 
 
 def _utterance(
@@ -163,47 +199,41 @@ def _utterance(
     store: LatentStore,
     rep: Representation,
     utt: StoreUtterance,
+    raw: torch.Tensor,
     predicted: torch.Tensor,
     start: int,
     audio_path: str | None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Splice, decode, score and write one utterance; ``predicted`` ``(max L, D)`` standardised frames."""
+    """Splice, decode, score and write one utterance: ``raw`` ``(T, D)`` GT latents, ``predicted``
+    ``(max L, D)`` raw rolled-out frames from frame ``start``."""
     run_dir = Path(cfg.run_dir)
     out_dir = run_dir / "audio" / safe_name(utt.utt_id)
     rep_sr, out_sr = int(rep.sample_rate), int(cfg.output_sample_rate)
     hop = samples_per_frame(rep_sr, rep.frame_rate)
     scoring = {"with_stoi": bool(cfg.with_stoi), "with_pesq": bool(cfg.with_pesq)}
-    raw = utterance_latents(store, utt, cfg.max_seconds)
-    inserted = destandardize(store, predicted)
     lengths = [int(n) for n in cfg.rollout_lengths]
-    batch = torch.stack([raw, *(splice(raw, inserted[:n], start) for n in lengths)])
-    waves = decode_latents(rep, batch)
+    n_frames = int(raw.shape[0])
+    waves = decode_latents(rep, torch.stack([raw, *(splice(raw, predicted[:n], start) for n in lengths)]))
     gt = waves[0]
-    resampled = resample_waves(waves, rep_sr, out_sr)
 
-    path = out_dir / f"{GT_FILE}.wav"
+    common = {"utterance": utt.utt_id, "n_frames": n_frames, "rollout_start": start}
     entries = [
         {
-            "utterance": utt.utt_id,
+            **common,
             "kind": "gt",
             "L": None,
-            "path": relative(path, run_dir),
-            **write_wav(path, resampled[0], out_sr),
-            "n_frames": int(raw.shape[0]),
+            **write_listening_wav(out_dir, GT_FILE, gt, rep_sr, out_sr, run_dir),
             "distances": None,
         }
     ]
-    for length, wave, wave_out in zip(lengths, waves[1:], resampled[1:], strict=True):
+    for length, wave in zip(lengths, waves[1:], strict=True):
         lo, hi = start * hop, (start + length) * hop
-        path = out_dir / f"{rollout_file(length)}.wav"
         entries.append(
             {
-                "utterance": utt.utt_id,
+                **common,
                 "kind": "rollout",
                 "L": length,
-                "path": relative(path, run_dir),
-                **write_wav(path, wave_out, out_sr),
-                "n_frames": int(raw.shape[0]),
+                **write_listening_wav(out_dir, rollout_file(length), wave, rep_sr, out_sr, run_dir),
                 "frame_span": [start, start + length],
                 "seconds_span": [start / store.frame_rate, (start + length) / store.frame_rate],
                 "scored_sample_span": [lo, hi],
@@ -213,7 +243,9 @@ def _utterance(
         )
     original = load_original(audio_path, rep_sr, gt.shape[-1]) if audio_path else None
     ceiling = json_distances(reconstruction_ceiling(original, gt, rep_sr, hop, **scoring))
-    log.info("%s: rollouts %s from frame %d written to %s", utt.utt_id, lengths, start, out_dir)
+    log.info(
+        "%s: rollouts %s from frame %d of %d written to %s", utt.utt_id, lengths, start, n_frames, out_dir
+    )
     return entries, {"utterance": utt.utt_id, "sample_rate": rep_sr, "distances": ceiling}
 
 
@@ -233,41 +265,45 @@ def run(cfg: DictConfig) -> dict[str, float]:
     model = load_dynamics(ckpt, map_location=device)
     net = model.net
     w = frame_by_frame_context(net)
+    standardized = bool(net.standardized)
     data_cfg = checkpoint_data_cfg(cfg, model.run_config)
     store = prepare_latent_store(data_cfg)
     if store.dim != net.dim:
         raise ValueError(
             f"the checkpoint models D={net.dim} latents but its store {store.root} has D={store.dim}"
         )
-    start = prefix_frames(cfg.prefix_seconds, store.frame_rate, w)
-    need = start + max(lengths)
-    kept = max_frames(cfg.max_seconds, store.frame_rate)
-    if kept is not None and kept < need:
+    need = min_trajectory_frames(w, max(lengths))
+    if cfg.max_frames is not None and int(cfg.max_frames) < need:
         raise ValueError(
-            f"max_seconds={cfg.max_seconds} keeps {kept} frames; the prefix ({start}) and the longest rollout "
-            f"({max(lengths)}) need {need}"
+            f"max_frames={cfg.max_frames} is too short: a rollout from frame T // 3 + W (W = {w}) of "
+            f"{max(lengths)} frames needs T >= {need}"
         )
     rep = representation_from_store(store, device)
     utts = choose_utterances(store, cfg.split, int(cfg.n_utterances), int(cfg.seed), min_frames=need)
 
-    contexts = torch.stack(
-        [standardize(store, utterance_latents(store, u, cfg.max_seconds)[start - w : start]) for u in utts]
-    ).to(device)
+    trajectories = [utterance_latents(store, u, cfg.max_frames) for u in utts]
+    starts = [rollout_start(int(x.shape[0]), w) for x in trajectories]
+    contexts = torch.stack([x[s - w : s] for x, s in zip(trajectories, starts, strict=True)])
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed)) if cfg.predict == "sample" else None
-    predicted = rollout(
+    predicted = raw_rollout(
         net,
+        store,
         contexts,
         max(lengths),
-        predict=cfg.predict,
+        standardized=standardized,
+        predict=str(cfg.predict),
         temperature=float(cfg.temperature),
         generator=generator,
-    ).cpu()
+        device=device,
+    )
 
     paths = corpus_audio_paths(data_cfg)
     entries: list[dict[str, Any]] = []
     ceilings: list[dict[str, Any]] = []
-    for utt, utt_predicted in zip(utts, predicted, strict=True):
-        utt_entries, ceiling = _utterance(cfg, store, rep, utt, utt_predicted, start, paths.get(utt.utt_id))
+    for utt, raw, utt_predicted, start in zip(utts, trajectories, predicted, starts, strict=True):
+        utt_entries, ceiling = _utterance(
+            cfg, store, rep, utt, raw, utt_predicted, start, paths.get(utt.utt_id)
+        )
         entries += utt_entries
         ceilings.append(ceiling)
 
@@ -283,12 +319,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
         "representation_sample_rate": int(rep.sample_rate),
         "output_sample_rate": int(cfg.output_sample_rate),
         "context_frames": w,
-        "prefix_frames": start,
+        "model_space": "standardized" if standardized else "raw",
+        "max_frames": cfg.max_frames,
+        "rollout_start": "T // 3 + W, T = min(n_frames, max_frames)",
         "rollout_lengths": lengths,
         "predict": cfg.predict,
         "temperature": float(cfg.temperature),
         "split": cfg.split,
-        "max_seconds": cfg.max_seconds,
         "reference": "distances are to the decoded GT latents over the rolled-out span only, "
         "at the representation's sample rate, before resampling",
     }

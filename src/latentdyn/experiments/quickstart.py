@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from hydra.utils import get_method
 from omegaconf import DictConfig
 
-from latentdyn.experiments import exp1_vmf, exp2_injection, phase0
-from latentdyn.experiments.composite import run_sub_experiment
+from latentdyn.pipeline.composite import run_sub_experiment
 from latentdyn.tracking.manifest import iter_records
 from latentdyn.tracking.results import render_markdown, summarize_runs
 
@@ -17,10 +17,14 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    _, p0 = run_sub_experiment(cfg, "phase0", phase0.run, tier="phase0")
-    exp1_cfg, e1 = run_sub_experiment(cfg, "exp1_vmf", exp1_vmf.run, horizons=[int(cfg.horizon_k)])
+    _, p0 = run_sub_experiment(cfg, "phase0", get_method(cfg.steps.phase0), tier="phase0")
+    exp1_cfg, e1 = run_sub_experiment(
+        cfg, "exp1_vmf", get_method(cfg.steps.exp1_vmf), horizons=[int(cfg.horizon_k)]
+    )
     checkpoint = Path(exp1_cfg.run_dir) / "checkpoints" / f"{cfg.model.name}_k{cfg.horizon_k}_final.ckpt"
-    exp2_cfg, e2 = run_sub_experiment(cfg, "exp2_injection", exp2_injection.run, checkpoint=str(checkpoint))
+    exp2_cfg, e2 = run_sub_experiment(
+        cfg, "exp2_injection", get_method(cfg.steps.exp2_injection), checkpoint=str(checkpoint)
+    )
 
     runs = [
         r
@@ -34,7 +38,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     k = int(cfg.horizon_k)
     return {
         "train_frames": p0["train_frames"],
-        f"k{k}/nll_per_dim": e1[f"k{k}/nll_per_dim"],
-        f"k{k}/persistence_nll_per_dim": e1[f"k{k}/persistence_nll_per_dim"],
-        **{key: value for key, value in e2.items() if key.endswith(("auc_mse", "divergence_step"))},
+        **{key: e1[key] for key in (f"k{k}/nll", f"k{k}/dnll", f"k{k}/cos") if key in e1},
+        **{key: value for key, value in e2.items() if key.endswith(("/dnll", "/state_err_at_K"))},
     }

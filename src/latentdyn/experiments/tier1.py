@@ -14,7 +14,7 @@ from typing import Any
 from hydra.utils import get_method
 from omegaconf import DictConfig
 
-from latentdyn.experiments.composite import compose_experiment, inherited_overrides, run_sub_experiment
+from latentdyn.pipeline.composite import compose_experiment, inherited_overrides, run_sub_experiment
 from latentdyn.tracking.manifest import iter_records
 from latentdyn.tracking.results import summarize_runs
 
@@ -68,5 +68,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     _, m2 = step(str(cfg.exp2_config), checkpoint=str(checkpoints[0]), horizon_k=int(cfg.exp2_horizon_k))
     _, m3 = step(str(cfg.exp3_config))
     for prefix, metrics in (("exp1", m1), ("exp2", m2), ("exp3", m3)):
-        key.update({f"{prefix}/{k}": v for k, v in metrics.items() if k.endswith(("nll_per_dim", "auc_mse"))})
+        key.update(
+            {f"{prefix}/{k}": v for k, v in metrics.items() if k.endswith(("/dnll", "/state_err_at_K"))}
+        )
     return key

@@ -13,7 +13,13 @@ class MLPBackbone(nn.Module):
     """MLP over the flattened window (W x D): the simplest context model, strong for short windows."""
 
     def __init__(
-        self, dim: int, context: int, hidden: int = 512, layers: int = 3, dropout: float = 0.0
+        self,
+        dim: int,
+        context: int,
+        hidden: int = 512,
+        layers: int = 3,
+        dropout: float = 0.0,
+        layer_norm: bool = True,
     ) -> None:
         super().__init__()
         if layers < 1:
@@ -21,7 +27,9 @@ class MLPBackbone(nn.Module):
         blocks: list[nn.Module] = []
         width = dim * context
         for _ in range(layers):
-            blocks += [nn.Linear(width, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Dropout(dropout)]
+            blocks += [nn.Linear(width, hidden), nn.GELU()]
+            blocks += [nn.LayerNorm(hidden)] if layer_norm else []
+            blocks += [nn.Dropout(dropout)] if dropout > 0 else []
             width = hidden
         self.net = nn.Sequential(*blocks)
         self.out_features = hidden

@@ -41,6 +41,8 @@ __all__ = [
     "delta_log_prob",
     "lognormal_log_prob",
     "mdn_scales",
+    "log_sphere_area",
+    "soft_clamp",
     "vmf_log_normalizer",
     "vmf_log_prob",
     "vmf_mean_resultant_length",
@@ -598,6 +600,29 @@ def delta_log_prob(
         + _lognormal_log_prob_from_log(log_r, log_mag_mu, log_mag_sigma)
         - (dim - 1) * log_r
     )
+
+
+def log_sphere_area(dim: int) -> float:
+    """``log |S^{D-1}| = log 2 + (D/2) log π − log Γ(D/2)``, the log surface area of the unit sphere in R^D."""
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    return math.log(2.0) + 0.5 * dim * math.log(math.pi) - math.lgamma(0.5 * dim)
+
+
+def soft_clamp(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``lo + softplus(x - lo) - softplus(x - hi)``: ≈ ``x`` well inside ``[lo, hi]``, smoothly saturating at the
+    bounds, with a gradient ``σ(x - lo) - σ(x - hi)`` that stays positive until it underflows far outside (a hard
+    ``clamp`` passes none outside the bounds, so a parameter that leaves them stays stuck: the reference's vMF κ
+    did).
+
+    Above the midpoint the algebraically equal ``hi - softplus(hi - x) + softplus(lo - x)`` is used, so two
+    terms of size ~x never cancel: the value stays within ``[lo, hi]``, monotone, for any finite ``x``.
+    """
+    if not lo < hi:
+        raise ValueError(f"soft_clamp needs lo < hi, got {lo}, {hi}")
+    below = lo + F.softplus(x - lo) - F.softplus(x - hi)
+    above = hi - F.softplus(hi - x) + F.softplus(lo - x)
+    return torch.where(x <= 0.5 * (lo + hi), below, above)
 
 
 def mdn_scales(raw: torch.Tensor, sigma_min: float) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Latent dynamics models: ``p(z[t+k] - z[t] | z[t-(W-1)s .. t])`` in the latent store's standardised space.
+"""Latent dynamics models: the next one-frame delta from a context lagged by k (``horizon_mode=lag``, the
+reference) or ``z[t+k] - z[t]`` from a stride-k context (``stride``), on raw or standardised latents.
 
 :class:`DynamicsNet` is the plain ``nn.Module`` (backbone + head) that diagnostics use;
 :class:`DynamicsModel` is the LightningModule that trains it and whose checkpoints embed the resolved
@@ -46,13 +47,19 @@ class DynamicsModel(pl.LightningModule):
         context_stride: int = 1,
         name: str = "model",
         run_config: Mapping[str, Any] | None = None,
+        horizon_mode: str = "stride",
+        standardized: bool = True,
     ) -> None:
+        # horizon_mode and standardized default to what checkpoints meant before they were arguments;
+        # build_dynamics always passes them.
         super().__init__()
         self.save_hyperparameters(ignore=["run_config"])
         self.run_config = dict(run_config or {})
         # Prefix of logged metric names, so one job's logger can hold several models (``k1/``, ``k2/``).
         self.metric_prefix = ""
-        self.net = DynamicsNet(dim, context, horizon, backbone, head, context_stride)
+        self.net = DynamicsNet(
+            dim, context, horizon, backbone, head, context_stride, horizon_mode, standardized
+        )
 
     # DeltaModel protocol, delegated to the net.
     @property
@@ -71,29 +78,30 @@ class DynamicsModel(pl.LightningModule):
     def context_stride(self) -> int:
         return self.net.context_stride
 
+    @property
+    def horizon_mode(self) -> str:
+        return self.net.horizon_mode
+
+    @property
+    def standardized(self) -> bool:
+        return self.net.standardized
+
     def predictive(self, context: torch.Tensor) -> DeltaPredictive:
         return self.net.predictive(context)
 
-    def nll_per_dim(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Mean over the batch of ``-log p(Δ) / D``."""
+    def nll(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean over the batch of ``-log p(Δ)`` in nats per frame (the reference's loss)."""
         predictive = self.net.predictive(batch["context"])
-        return -(predictive.log_prob(batch["target_delta"]).mean() / self.net.dim)
+        return -predictive.log_prob(batch["target_delta"]).mean()
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.nll_per_dim(batch)
-        self.log(
-            f"{self.metric_prefix}train/nll_per_dim",
-            loss,
-            prog_bar=True,
-            batch_size=batch["context"].shape[0],
-        )
+        loss = self.nll(batch)
+        self.log(f"{self.metric_prefix}train/nll", loss, prog_bar=True, batch_size=batch["context"].shape[0])
         return loss
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
-        loss = self.nll_per_dim(batch)
-        self.log(
-            f"{self.metric_prefix}val/nll_per_dim", loss, prog_bar=True, batch_size=batch["context"].shape[0]
-        )
+        loss = self.nll(batch)
+        self.log(f"{self.metric_prefix}val/nll", loss, prog_bar=True, batch_size=batch["context"].shape[0])
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt_cfg = self.hparams.optimizer

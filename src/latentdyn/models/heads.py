@@ -6,17 +6,16 @@ small σ lose everything in half precision.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentdyn.models.baselines import DiagonalGaussianBaseline, SphereLogNormalBaseline
 from latentdyn.models.distributions import (
     DiagonalGaussianMixture,
     VonMisesFisher,
     delta_log_prob,
-    mdn_scales,
+    soft_clamp,
     vmf_mean_resultant_length,
 )
 
@@ -58,6 +57,10 @@ class VMFLogNormalPredictive:
         magnitude = torch.exp(self.log_mag_mu + temperature * self.log_mag_sigma * eps)
         return magnitude.unsqueeze(-1) * direction
 
+    def median(self) -> torch.Tensor:
+        """``e^m μ``: the LogNormal's median norm along the vMF mode (the reference's rollout step)."""
+        return torch.exp(self.log_mag_mu).unsqueeze(-1) * self.loc
+
     def direction(self) -> torch.Tensor:
         return self.loc
 
@@ -66,34 +69,46 @@ class VMFLogNormalPredictive:
 
 
 class VMFLogNormalHead(nn.Module):
-    """Linear map to (direction D, raw κ, log-magnitude mean, raw log-magnitude scale).
+    """Linear map to (direction D, log κ, log-magnitude mean m, log of the log-magnitude scale s).
 
-    κ = kappa_min + softplus(raw), clamped at kappa_max; s = exp(log_sigma_min) + softplus(raw).
+    The three scalars are bounded smoothly (:func:`~latentdyn.models.distributions.soft_clamp`) to the
+    reference's ranges: log κ in ``log_kappa_range``, m in ``log_mag_range``, log s in ``log_sigma_range``.
+    Its unconditional baseline (ΔNLL): uniform direction × LogNormal norm.
     """
+
+    baseline = SphereLogNormalBaseline
 
     def __init__(
         self,
         in_features: int,
         dim: int,
-        kappa_min: float = 1e-3,
-        kappa_max: float = 1e5,
-        log_sigma_min: float = -7.0,
+        log_kappa_range: tuple[float, float] = (-2.0, 12.0),
+        log_mag_range: tuple[float, float] = (-5.0, 12.0),
+        log_sigma_range: tuple[float, float] = (-5.0, 2.0),
     ) -> None:
         super().__init__()
-        if not 0 < kappa_min < kappa_max:
-            raise ValueError(f"need 0 < kappa_min < kappa_max, got {kappa_min}, {kappa_max}")
         self.proj = nn.Linear(in_features, dim + 3)
-        self.dim, self.kappa_min, self.kappa_max = dim, kappa_min, kappa_max
-        self.sigma_min = math.exp(log_sigma_min)
+        self.dim = dim
+        self.log_kappa_range = _range("log_kappa_range", log_kappa_range)
+        self.log_mag_range = _range("log_mag_range", log_mag_range)
+        self.log_sigma_range = _range("log_sigma_range", log_sigma_range)
 
     def forward(self, h: torch.Tensor) -> VMFLogNormalPredictive:
         with torch.autocast(device_type=h.device.type, enabled=False):
             out = self.proj(h.float())
             direction, raw_kappa, mag_mu, raw_sigma = out.split([self.dim, 1, 1, 1], dim=-1)
             loc = F.normalize(direction, dim=-1, eps=1e-12)
-            kappa = (self.kappa_min + F.softplus(raw_kappa.squeeze(-1))).clamp_max(self.kappa_max)
-            sigma = self.sigma_min + F.softplus(raw_sigma.squeeze(-1))
-            return VMFLogNormalPredictive(loc, kappa, mag_mu.squeeze(-1), sigma)
+            kappa = torch.exp(soft_clamp(raw_kappa.squeeze(-1), *self.log_kappa_range))
+            log_mag_mu = soft_clamp(mag_mu.squeeze(-1), *self.log_mag_range)
+            sigma = torch.exp(soft_clamp(raw_sigma.squeeze(-1), *self.log_sigma_range))
+            return VMFLogNormalPredictive(loc, kappa, log_mag_mu, sigma)
+
+
+def _range(name: str, bounds: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = (float(v) for v in bounds)
+    if not lo < hi:
+        raise ValueError(f"{name} must be [lo, hi] with lo < hi, got {list(bounds)}")
+    return lo, hi
 
 
 class MDNPredictive:
@@ -118,6 +133,10 @@ class MDNPredictive:
         )
         return tempered.sample(generator=generator)
 
+    def median(self) -> torch.Tensor:
+        """The mixture mean (the reference's point prediction for the MDN)."""
+        return self.mixture.mean
+
     def direction(self) -> torch.Tensor:
         return F.normalize(self.mean(), dim=-1, eps=1e-12)
 
@@ -126,20 +145,29 @@ class MDNPredictive:
 
 
 class GaussianMDNHead(nn.Module):
-    """Linear map to K mixture logits, K x D means and K x D scales (σ = sigma_min + softplus(raw))."""
+    """Linear map to K mixture logits, K x D means and K x D log-scales, the log-scales bounded smoothly to
+    ``log_sigma_range`` (the reference's [-7, 2]). Its unconditional baseline (ΔNLL): a diagonal Gaussian."""
 
-    def __init__(self, in_features: int, dim: int, n_components: int = 8, sigma_min: float = 1e-3) -> None:
+    baseline = DiagonalGaussianBaseline
+
+    def __init__(
+        self,
+        in_features: int,
+        dim: int,
+        n_components: int = 8,
+        log_sigma_range: tuple[float, float] = (-7.0, 2.0),
+    ) -> None:
         super().__init__()
-        if n_components < 1 or sigma_min <= 0:
-            raise ValueError(f"need n_components >= 1 and sigma_min > 0, got {n_components}, {sigma_min}")
+        if n_components < 1:
+            raise ValueError(f"need n_components >= 1, got {n_components}")
         self.proj = nn.Linear(in_features, n_components * (1 + 2 * dim))
-        self.dim, self.k, self.sigma_min = dim, n_components, sigma_min
+        self.dim, self.k = dim, n_components
+        self.log_sigma_range = _range("log_sigma_range", log_sigma_range)
 
     def forward(self, h: torch.Tensor) -> MDNPredictive:
         with torch.autocast(device_type=h.device.type, enabled=False):
             out = self.proj(h.float())
             logits, means, raw_scales = out.split([self.k, self.k * self.dim, self.k * self.dim], dim=-1)
             shape = (*h.shape[:-1], self.k, self.dim)
-            return MDNPredictive(
-                logits, means.reshape(shape), mdn_scales(raw_scales.reshape(shape), self.sigma_min)
-            )
+            scales = torch.exp(soft_clamp(raw_scales.reshape(shape), *self.log_sigma_range))
+            return MDNPredictive(logits, means.reshape(shape), scales)

@@ -26,18 +26,28 @@ class DynamicsNet(nn.Module):
         backbone: Mapping[str, Any],
         head: Mapping[str, Any],
         context_stride: int = 1,
+        horizon_mode: str = "lag",
+        standardized: bool = False,
     ) -> None:
         super().__init__()
-        if context < 1 or horizon < 1 or context_stride < 1:
-            raise ValueError(
-                f"context, horizon and context_stride must be >= 1, got {context}, {horizon}, {context_stride}"
-            )
+        from latentdyn.data.windows import WindowSpec
+
+        # Validates the geometry (positive sizes; a lag model reads a contiguous context).
+        self.spec = WindowSpec(context, horizon, context_stride, horizon_mode)
         self.dim, self.context, self.horizon, self.context_stride = dim, context, horizon, context_stride
+        self.horizon_mode = horizon_mode
+        # Whether the model works on standardised latents (``standardize=true``) or raw ones (the reference).
+        self.standardized = bool(standardized)
         self.backbone = instantiate(backbone, dim=dim, context=context)
         self.head = instantiate(head, in_features=self.backbone.out_features, dim=dim)
 
+    @property
+    def baseline(self) -> type:
+        """The unconditional baseline family of this model's head (``fit(deltas)``, ``log_prob``), for ΔNLL."""
+        return self.head.baseline
+
     def predictive(self, context: torch.Tensor) -> DeltaPredictive:
-        """``(B, W, D)`` standardised context -> predictive distribution of the standardised delta."""
+        """``(B, W, D)`` context -> predictive distribution of the delta (see ``horizon_mode``)."""
         if context.dim() != 3 or context.shape[1:] != (self.context, self.dim):
             raise ValueError(f"context must be (B, {self.context}, {self.dim}), got {tuple(context.shape)}")
         return self.head(self.backbone(context))

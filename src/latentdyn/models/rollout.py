@@ -1,21 +1,30 @@
-"""Rollout fine-tuning (Exp 1B): train a dynamics model on its own predictions, R steps at a time.
+"""Rollout fine-tuning (Exp 1B, the reference's loss with its lag slip fixed): train a dynamics model on the
+contexts its own rollouts produce.
 
-A training item is a GT *segment* on the model's stride-``k`` grid: ``W`` context frames then ``R`` target
-frames, grid index ``j`` being frame ``t0 + jk`` (``W + R`` frames, ``(W + R - 1)k + 1`` store rows). Step
-``r = 0 .. R-1`` predicts from the current context buffer (``W`` frames) and scores the GT frame ``W + r``:
+A training item is a GT *segment* of ``L = W + k - 1 + K`` frames (frames ``t0-k-W+1 .. t0+K-1``, the same
+geometry as the injection diagnostic's: :class:`~latentdyn.models.geometry.RolloutGeometry`). The model
+is unrolled ``K`` steps. Step ``s`` (frame ``t = t0 + s``) reads the W frames ending at ``t - k`` of the
+*believed* trajectory (GT before ``t0``, then the rollout's states) and is scored on the true one-frame delta:
 
-    loss_r = -log p(z_gt[W + r] - buffer[-1]) / D
+    rollout_nll_s = -log p(x[t] - x[t-1] | believed context)          (nats per frame)
+    teacher_nll_s = -log p(x[t] - x[t-1] | GT context)
 
-so when the buffer holds the model's own earlier predictions, the target delta is the one that brings the
-rollout back to the ground truth. The frame appended to the buffer for the next step is, independently per
-row and step, the model's prediction (``buffer[-1]`` + the predictive's mean or a sample) with probability
-``p`` (*scheduled sampling*), else the GT frame. ``p`` ramps linearly from 0 to 1 over ``ramp_steps``
-optimiser steps. The loss is the mean of ``loss_r`` over ``r``. With ``R = 1`` (or ``p = 0``) every step
-is teacher-forced, and ``R = 1`` is exactly Exp 1's one-step loss on the same windows.
+    loss = mean_s rollout_nll_s + teacher_weight · mean_s teacher_nll_s        (teacher_weight 0.1)
 
-The segments are Exp 1 windows with a longer context: ``WindowSpec(W + R - 1, k, k)`` reads grid frames
-``0 .. W + R - 2`` as its context and frame ``W + R - 1`` as its target, so the window machinery of
-:mod:`latentdyn.data.windows` (anchors, slices, seeded batches, the datamodule) serves unchanged.
+The state then advances by the point prediction, ``x̂[t] = x̂[t-1] + Δ̂`` (``feed``: ``median`` μ·e^m, the
+reference's step; ``mean``; ``sample``), **without gradient** unless ``bptt`` (back-propagation through the
+fed-back mean, our earlier default). Scheduled sampling: independently per row and step, the state is replaced
+by GT with probability ``p_teacher``, which ramps linearly from ``teacher_prob_start`` (0.2) to
+``teacher_prob_end`` (0) over ``ramp_steps`` (2000) optimiser steps. ``clip_delta_l2`` optionally clips each
+fed-back Δ̂ to an L2 norm (the reference clipped at 5 while the median Mimi delta is ~74: off by default).
+
+The reference paired the context ending at x[t0+W-1] with the target x[t0+W+1] - x[t0+W] (a lag of 2 for a
+k = 1 model); here step 0's target is x[t0] - x[t0-1] with the context ending at x[t0-k], as in training and
+in the injection diagnostic.
+
+Segments are read with the window machinery (:meth:`~latentdyn.models.geometry.RolloutGeometry.segment_spec`:
+``L - 1`` context frames and a one-step target on the rollout grid), so anchors, slices and the seeded
+datamodule serve unchanged.
 """
 
 from __future__ import annotations
@@ -26,121 +35,118 @@ from typing import Any
 
 import torch
 
-from latentdyn.data.windows import WindowSpec
 from latentdyn.models.dynamics import DynamicsModel
-from latentdyn.models.protocol import DeltaModel
+from latentdyn.models.geometry import RolloutGeometry, rollout_geometry
+from latentdyn.models.protocol import PREDICT, DeltaModel, point_prediction
 
-FEEDS: tuple[str, ...] = ("mean", "sample")
-
-
-def rollout_spec(context: int, horizon: int, steps: int) -> WindowSpec:
-    """Window geometry whose context + target is a whole ``W + R`` segment on the stride-``k`` grid."""
-    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
-        raise ValueError(f"rollout steps R must be a positive integer, got {steps!r}")
-    return WindowSpec(context=context + int(steps) - 1, horizon=horizon, context_stride=horizon)
+FEEDS: tuple[str, ...] = PREDICT
 
 
-def rollout_grid(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """A window batch of :func:`rollout_spec` -> the segments ``(B, W + R, D)`` on the stride-``k`` grid."""
+def rollout_segments(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A window batch of :meth:`RolloutGeometry.segment_spec` -> the segments ``(B, L, D)``."""
     return torch.cat([batch["context"], batch["target"][:, None]], dim=1)
 
 
-def feed_probability(step: int, ramp_steps: int) -> float:
-    """Scheduled-sampling probability ``min(1, step / ramp_steps)`` of feeding the model its own prediction.
-
-    ``ramp_steps == 0`` means no ramp: the model is fed its own predictions from the first step.
-    """
+def teacher_probability(step: int, start: float, end: float, ramp_steps: int) -> float:
+    """Scheduled-sampling probability of feeding GT at optimiser ``step``: linear from ``start`` to ``end``
+    over ``ramp_steps`` steps, then ``end`` (``ramp_steps == 0``: ``end`` from the first step)."""
     if ramp_steps < 0 or step < 0:
         raise ValueError(f"need step >= 0 and ramp_steps >= 0, got {step}, {ramp_steps}")
-    return 1.0 if ramp_steps == 0 else min(1.0, step / ramp_steps)
+    for name, value in (("start", start), ("end", end)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"teacher probability {name} must lie in [0, 1], got {value}")
+    if ramp_steps == 0 or step >= ramp_steps:
+        return float(end)
+    return float(start + (end - start) * step / ramp_steps)
+
+
+def clip_l2(delta: torch.Tensor, max_norm: float | None) -> torch.Tensor:
+    """Rows of ``delta`` ``(B, D)`` scaled down to an L2 norm of at most ``max_norm`` (None: unchanged)."""
+    if max_norm is None:
+        return delta
+    norm = torch.linalg.vector_norm(delta, dim=-1, keepdim=True)
+    return delta * torch.clamp(max_norm / norm.clamp_min(1e-12), max=1.0)
 
 
 @dataclass
 class UnrolledNLL:
-    """Outcome of :func:`unrolled_nll`: ``per_step`` ``(R,)`` NLL per dimension (nats / D), mean over rows;
-    ``fed_fraction``: the fraction of appended frames (over rows and the ``R - 1`` feedback steps) that were
-    the model's own predictions (NaN when ``R = 1``)."""
+    """Outcome of :func:`unrolled_nll`: ``rollout`` and ``teacher`` ``(K,)`` NLLs (nats per frame, mean over
+    rows) and ``gt_fraction``, the fraction of states replaced by GT by scheduled sampling."""
 
-    per_step: torch.Tensor
-    fed_fraction: float
+    rollout: torch.Tensor
+    teacher: torch.Tensor
+    gt_fraction: float
 
-    @property
-    def loss(self) -> torch.Tensor:
-        """The training loss: the mean of ``per_step`` (a scalar)."""
-        return self.per_step.mean()
+    def loss(self, teacher_weight: float) -> torch.Tensor:
+        """``mean(rollout) + teacher_weight · mean(teacher)`` (a scalar)."""
+        return self.rollout.mean() + teacher_weight * self.teacher.mean()
 
 
 def unrolled_nll(
     model: DeltaModel,
-    grid: torch.Tensor,
-    feed_prob: float,
-    feed: str = "mean",
-    detach_feedback: bool = False,
+    segments: torch.Tensor,
+    geometry: RolloutGeometry,
+    k_steps: int,
+    p_teacher: float,
+    feed: str = "median",
+    bptt: bool = False,
+    clip_delta_l2: float | None = None,
     generator: torch.Generator | None = None,
 ) -> UnrolledNLL:
-    """Unroll ``model`` over GT segments ``grid`` ``(B, W + R, D)`` (standardised, stride-``k`` grid).
+    """Unroll ``model`` over GT ``segments`` ``(B, L, D)`` (see the module docstring).
 
-    See the module docstring. ``feed``: ``mean`` appends ``buffer[-1] + E[Δ]`` (gradients flow through it,
-    back-propagation through time, unless ``detach_feedback``); ``sample`` appends ``buffer[-1] + Δ`` with
-    ``Δ`` drawn from the predictive (never differentiated). ``generator`` drives the per-row coin flips and
-    the samples, so a seeded generator makes the unroll reproducible.
+    ``generator`` drives the per-row coin flips (and samples), so a seeded generator makes the unroll
+    reproducible. With ``bptt`` and ``feed`` ``median``/``mean``, gradients flow through the fed-back states.
     """
     if feed not in FEEDS:
         raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
-    if not 0.0 <= feed_prob <= 1.0:
-        raise ValueError(f"feed_prob must lie in [0, 1], got {feed_prob}")
-    w = model.context
-    if grid.ndim != 3 or grid.shape[1] <= w or grid.shape[2] != model.dim:
+    if not 0.0 <= p_teacher <= 1.0:
+        raise ValueError(f"p_teacher must lie in [0, 1], got {p_teacher}")
+    length = geometry.segment_length(k_steps)
+    if segments.ndim != 3 or segments.shape[1] != length or segments.shape[2] != model.dim:
         raise ValueError(
-            f"grid must be (B, W + R, D) with W={w}, R >= 1, D={model.dim}; got {tuple(grid.shape)}"
+            f"segments must be (B, {length}, {model.dim}) (W + k - 1 + K frames); got {tuple(segments.shape)}"
         )
-    rows, steps = grid.shape[0], grid.shape[1] - w
-    buffer = grid[:, :w]
-    losses: list[torch.Tensor] = []
-    fed = 0
-    for r in range(steps):
-        predictive = model.predictive(buffer)
-        last, target = buffer[:, -1], grid[:, w + r]
-        losses.append(-(predictive.log_prob(target - last).mean() / model.dim))
-        if r == steps - 1:
-            break
-        use_pred = torch.rand(rows, generator=generator, device=grid.device) < feed_prob
-        fed += int(use_pred.sum())
-        if bool(use_pred.any()):
-            if feed == "mean":
-                delta = predictive.mean()
-                if detach_feedback:
-                    delta = delta.detach()
-            else:
-                with torch.no_grad():
-                    delta = predictive.sample(generator=generator)
-            nxt = torch.where(use_pred[:, None], (last + delta).to(grid.dtype), target)
-        else:
-            nxt = target
-        buffer = torch.cat([buffer[:, 1:], nxt[:, None]], dim=1)
-    fed_fraction = fed / (rows * (steps - 1)) if steps > 1 else float("nan")
-    return UnrolledNLL(torch.stack(losses), fed_fraction)
+    w, lag, origin = geometry.window, geometry.lag, geometry.origin
+    rows = segments.shape[0]
+    believed = list(segments.unbind(1))  # GT before t0; the rollout's states from t0 on
+    rollout_losses: list[torch.Tensor] = []
+    teacher_losses: list[torch.Tensor] = []
+    replaced = 0
+    for s in range(k_steps):
+        i = origin + s
+        lo, hi = i - lag - w + 1, i - lag + 1
+        true_delta = segments[:, i] - segments[:, i - 1]
+        context = torch.stack(believed[lo:hi], dim=1)
+        predictive = model.predictive(context)
+        rollout_losses.append(-predictive.log_prob(true_delta).mean())
+        teacher_losses.append(-model.predictive(segments[:, lo:hi]).log_prob(true_delta).mean())
+        with torch.set_grad_enabled(bptt and feed != "sample" and torch.is_grad_enabled()):
+            delta = clip_l2(point_prediction(predictive, feed, generator=generator), clip_delta_l2)
+            state = believed[i - 1] + delta.to(segments.dtype)
+        use_gt = torch.rand(rows, generator=generator, device=segments.device) < p_teacher
+        replaced += int(use_gt.sum())
+        believed[i] = torch.where(use_gt[:, None], segments[:, i], state)
+    return UnrolledNLL(torch.stack(rollout_losses), torch.stack(teacher_losses), replaced / (rows * k_steps))
 
 
 class RolloutFinetuneModule(DynamicsModel):
-    """A :class:`DynamicsModel` trained with the unrolled R-step loss and a scheduled-sampling ramp.
+    """A :class:`DynamicsModel` trained with the unrolled K-step loss and a scheduled-sampling ramp.
 
     Its checkpoints are dynamics checkpoints (same ``net.*`` state, the run config embedded under
     ``latentdyn_config``): :func:`latentdyn.models.dynamics.load_dynamics` loads them as a plain
-    ``DynamicsModel``. Batches are windows of :func:`rollout_spec` (``context`` ``(B, W + R - 1, D)``,
-    ``target`` ``(B, D)``).
+    ``DynamicsModel``. Batches are windows of :meth:`RolloutGeometry.segment_spec` (``k_steps``).
 
     Args (beyond :class:`DynamicsModel`'s):
-        rollout_steps: R, unrolled steps per segment.
-        feed: ``mean`` or ``sample``, the prediction fed back (see :func:`unrolled_nll`).
-        detach_feedback: with ``feed=mean``, stop gradients through the fed-back predictions.
-        ramp_steps: optimiser steps over which the feed probability rises linearly from 0 to 1.
+        k_steps: K, unrolled steps per segment.
+        teacher_weight: weight of the teacher-forced NLL in the loss.
+        feed, bptt, clip_delta_l2: the fed-back state (see :func:`unrolled_nll`).
+        teacher_prob_start, teacher_prob_end, ramp_steps: the scheduled-sampling ramp.
         feed_seed: seed of the coin flips and samples; training step ``n`` uses its own generator seeded
             from ``(feed_seed, n)``, validation a fixed one, so both are reproducible.
 
-    Validation unrolls with ``p = 1`` (pure free-running, what fine-tuning is for) and logs the mean NLL
-    over steps (``val/rollout_nll_per_dim``) and its first, teacher-forced step (``val/nll_per_dim``,
-    comparable with Exp 1's).
+    Validation unrolls with ``p_teacher = 0`` (pure free-running, what fine-tuning is for) and logs
+    ``val/rollout_nll`` and the teacher-forced ``val/nll`` (comparable with Exp 1's).
     """
 
     def __init__(
@@ -154,10 +160,16 @@ class RolloutFinetuneModule(DynamicsModel):
         context_stride: int = 1,
         name: str = "model",
         run_config: Mapping[str, Any] | None = None,
-        rollout_steps: int = 8,
-        feed: str = "mean",
-        detach_feedback: bool = False,
-        ramp_steps: int = 1000,
+        horizon_mode: str = "stride",
+        standardized: bool = True,
+        k_steps: int = 16,
+        teacher_weight: float = 0.1,
+        feed: str = "median",
+        bptt: bool = False,
+        clip_delta_l2: float | None = None,
+        teacher_prob_start: float = 0.2,
+        teacher_prob_end: float = 0.0,
+        ramp_steps: int = 2000,
         feed_seed: int = 0,
     ) -> None:
         super().__init__(
@@ -170,18 +182,24 @@ class RolloutFinetuneModule(DynamicsModel):
             context_stride=context_stride,
             name=name,
             run_config=run_config,
+            horizon_mode=horizon_mode,
+            standardized=standardized,
         )
-        if context_stride != horizon:
-            raise ValueError(
-                f"rollout fine-tuning needs context_stride == horizon (got {context_stride}, {horizon}): each "
-                "step advances k frames, so its prediction lands on the context grid only at stride k"
-            )
         if feed not in FEEDS:
             raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
         if isinstance(ramp_steps, bool) or int(ramp_steps) != ramp_steps or ramp_steps < 0:
             raise ValueError(f"ramp_steps must be a non-negative integer, got {ramp_steps!r}")
-        self.spec = rollout_spec(context, horizon, rollout_steps)
-        self.rollout_steps, self.feed, self.detach_feedback = int(rollout_steps), feed, bool(detach_feedback)
+        if teacher_weight < 0:
+            raise ValueError(f"teacher_weight must be >= 0, got {teacher_weight}")
+        if clip_delta_l2 is not None and clip_delta_l2 <= 0:
+            raise ValueError(f"clip_delta_l2 must be > 0 or null, got {clip_delta_l2}")
+        teacher_probability(0, teacher_prob_start, teacher_prob_end, int(ramp_steps))  # validates the ramp
+        self.geometry = rollout_geometry(self.net)
+        self.k_steps = int(k_steps)
+        self.segment_spec = self.geometry.segment_spec(self.k_steps)
+        self.teacher_weight, self.feed, self.bptt = float(teacher_weight), feed, bool(bptt)
+        self.clip_delta_l2 = None if clip_delta_l2 is None else float(clip_delta_l2)
+        self.teacher_prob_start, self.teacher_prob_end = float(teacher_prob_start), float(teacher_prob_end)
         self.ramp_steps, self.feed_seed = int(ramp_steps), int(feed_seed)
 
     @classmethod
@@ -204,38 +222,54 @@ class RolloutFinetuneModule(DynamicsModel):
             context_stride=hp["context_stride"],
             name=hp["name"],
             run_config=run_config,
+            horizon_mode=source.horizon_mode,
+            standardized=source.standardized,
             **rollout,
         )
         module.net.load_state_dict(source.net.state_dict())
         return module
 
-    def feed_prob(self) -> float:
-        """Scheduled-sampling probability at the current optimiser step (0 outside a trainer)."""
-        return feed_probability(int(self.global_step), self.ramp_steps)
+    def p_teacher(self) -> float:
+        """Scheduled-sampling probability of feeding GT at the current optimiser step."""
+        return teacher_probability(
+            int(self.global_step), self.teacher_prob_start, self.teacher_prob_end, self.ramp_steps
+        )
 
     def _generator(self, device: torch.device, step: int | None) -> torch.Generator:
         seed = self.feed_seed if step is None else self.feed_seed * 1_000_003 + step + 1
         return torch.Generator(device=device).manual_seed(seed)
 
-    def unroll(self, batch: Mapping[str, torch.Tensor], feed_prob: float, step: int | None) -> UnrolledNLL:
+    def unroll(self, batch: Mapping[str, torch.Tensor], p_teacher: float, step: int | None) -> UnrolledNLL:
         """:func:`unrolled_nll` of a batch with this module's settings; ``step`` seeds it (None: validation)."""
-        grid = rollout_grid(batch)
-        generator = self._generator(grid.device, step)
-        return unrolled_nll(self.net, grid, feed_prob, self.feed, self.detach_feedback, generator)
+        segments = rollout_segments(batch)
+        generator = self._generator(segments.device, step)
+        return unrolled_nll(
+            self.net,
+            segments,
+            self.geometry,
+            self.k_steps,
+            p_teacher,
+            self.feed,
+            self.bptt,
+            self.clip_delta_l2,
+            generator,
+        )
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        p = self.feed_prob()
+        p = self.p_teacher()
         out = self.unroll(batch, p, int(self.global_step))
+        loss = out.loss(self.teacher_weight)
         size = batch["context"].shape[0]
         prefix = self.metric_prefix
-        self.log(f"{prefix}train/rollout_nll_per_dim", out.loss, prog_bar=True, batch_size=size)
-        self.log(f"{prefix}train/nll_per_dim", out.per_step[0], batch_size=size)
-        self.log(f"{prefix}train/feed_prob", p, prog_bar=True, batch_size=size)
-        return out.loss
+        self.log(f"{prefix}train/loss", loss, prog_bar=True, batch_size=size)
+        self.log(f"{prefix}train/rollout_nll", out.rollout.mean(), batch_size=size)
+        self.log(f"{prefix}train/nll", out.teacher.mean(), batch_size=size)
+        self.log(f"{prefix}train/p_teacher", p, prog_bar=True, batch_size=size)
+        return loss
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
-        out = self.unroll(batch, 1.0, None)
+        out = self.unroll(batch, 0.0, None)
         size = batch["context"].shape[0]
         prefix = self.metric_prefix
-        self.log(f"{prefix}val/rollout_nll_per_dim", out.loss, prog_bar=True, batch_size=size)
-        self.log(f"{prefix}val/nll_per_dim", out.per_step[0], batch_size=size)
+        self.log(f"{prefix}val/rollout_nll", out.rollout.mean(), prog_bar=True, batch_size=size)
+        self.log(f"{prefix}val/nll", out.teacher.mean(), batch_size=size)

@@ -20,13 +20,36 @@ def standardize(store: LatentStore, x: np.ndarray | torch.Tensor) -> torch.Tenso
     return (x - torch.from_numpy(store.mean)) / torch.from_numpy(store.std)
 
 
+def to_model_space(store: LatentStore, x: np.ndarray | torch.Tensor, standardized: bool) -> torch.Tensor:
+    """``(…, D)`` raw latents -> float32 tensor in a model's space: raw (the reference), or standardised with
+    the store's train statistics when the model was trained with ``standardize=true``."""
+    return standardize(store, x) if standardized else torch.as_tensor(np.asarray(x, dtype=np.float32))
+
+
+def to_raw_space(store: LatentStore, x: torch.Tensor, standardized: bool) -> torch.Tensor:
+    """Inverse of :func:`to_model_space`: ``(…, D)`` model-space frames -> raw float32 latents."""
+    x = x.to(torch.float32)
+    if not standardized:
+        return x
+    return x * torch.from_numpy(store.std).to(x) + torch.from_numpy(store.mean).to(x)
+
+
+def model_standardized(run_config: dict[str, Any]) -> bool:
+    """Whether a checkpoint's model works in the standardised space (``standardize`` of the run that trained
+    it; checkpoints from before the key existed were all standardised)."""
+    return bool(run_config.get("standardize", True))
+
+
 def split_trajectories(store: LatentStore, split: str) -> list[np.ndarray]:
     """The split's utterances as raw ``(T, D)`` float16 memmap views (no copy)."""
     return [store.utterance_latents(u) for u in store.utterances(split)]
 
 
-def bank_from_store(store: LatentStore, split: str, size: int, seed: int) -> torch.Tensor:
-    """``(min(size, N_split), D)`` standardised frames drawn uniformly without replacement from ``split``.
+def bank_from_store(
+    store: LatentStore, split: str, size: int, seed: int, standardized: bool = True
+) -> torch.Tensor:
+    """``(min(size, N_split), D)`` frames drawn uniformly without replacement from ``split``, standardised or
+    raw (``standardized``, see :func:`to_model_space`).
 
     Gathers only the chosen rows from the memory map, so it is cheap whatever the store's size.
     """
@@ -35,7 +58,7 @@ def bank_from_store(store: LatentStore, split: str, size: int, seed: int) -> tor
         raise ValueError(f"split {split!r} of {store.root} has no frames for the manifold bank")
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(rows, size=min(size, rows.size), replace=False))
-    return standardize(store, store.latents[chosen])
+    return to_model_space(store, store.latents[chosen], standardized)
 
 
 def plain(node: Any) -> Any:
@@ -52,6 +75,8 @@ def build_dynamics(cfg: DictConfig, dim: int, horizon: int) -> Any:
         horizon if model_cfg.get("context_stride") == "horizon" else int(model_cfg.get("context_stride", 1))
     )
     return DynamicsModel(
+        horizon_mode=str(cfg.horizon_mode),
+        standardized=bool(cfg.standardize),
         dim=dim,
         context=int(model_cfg["context"]),
         horizon=int(horizon),
@@ -64,24 +89,32 @@ def build_dynamics(cfg: DictConfig, dim: int, horizon: int) -> Any:
     )
 
 
-def build_datamodule(cfg: DictConfig, store: LatentStore, model: Any) -> Any:
-    """Window datamodule over ``store`` matching ``model``'s context, horizon and stride."""
+def window_datamodule(cfg: DictConfig, store: LatentStore, spec: Any, standardize: bool) -> Any:
+    """Window datamodule over ``store`` with window geometry ``spec`` (a ``WindowSpec``) in the raw or
+    standardised space, and this run's slice, batching and seed (``cfg.datamodule``, ``cfg.seed``)."""
     from latentdyn.data.windows import LatentWindowDataModule
 
     dm_cfg = cfg.datamodule
     return LatentWindowDataModule(
         store_root=store.root,
-        context=model.context,
-        horizon=model.horizon,
-        context_stride=model.context_stride,
+        context=spec.context,
+        horizon=spec.horizon,
+        context_stride=spec.context_stride,
+        horizon_mode=spec.horizon_mode,
+        standardize=standardize,
         slice_name=dm_cfg.slice,
         batch_size=dm_cfg.batch_size,
         num_workers=dm_cfg.num_workers,
         energy_percentile=dm_cfg.energy_percentile,
-        edge_frames=dm_cfg.edge_frames,
+        medial_range=list(dm_cfg.medial_range),
         seed=cfg.seed,
         max_val_windows=dm_cfg.max_val_windows,
     )
+
+
+def build_datamodule(cfg: DictConfig, store: LatentStore, model: Any) -> Any:
+    """Window datamodule over ``store`` matching ``model``'s window geometry and space."""
+    return window_datamodule(cfg, store, model.net.spec, model.standardized)
 
 
 def checkpoint_dir(cfg: DictConfig) -> Path:

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from latentdyn.experiments.common import plain
+from latentdyn.pipeline.common import plain
 from latentdyn.tracking.run import tracked_run
 
 log = logging.getLogger(__name__)

@@ -1,17 +1,31 @@
 """PCA projections of a latent store: a stackable representation (DESIGN §7) and its streaming fit.
 
-Space. The PCA is fitted in the base store's **train-standardised** space, ``x = (z - mean) / std`` with
-the store's per-dimension train statistics, not on raw latents. Every model and diagnostic in latentdyn
-works in that space (errors are "in units of the data's own spread"), so the components are the
-directions that keep the most of the variance those errors are measured in, and no dimension dominates
-the fit only because its units are large (a few loud Mimi channels, a mel band at the log floor).
-The projection of a raw frame ``z (D,)`` onto ``k`` components is therefore the affine map
+Space. A fit works in one of two input spaces (:data:`SPACES`), chosen by ``space`` and recorded in the fit,
+in the projected store's meta and in the weights provenance:
+
+* ``raw`` (the default, the reference study's Exp 4): the raw train latents, centred by the PCA's own mean
+  and **not whitened** (no per-dimension scaling, components not rescaled to unit variance). The components
+  are the directions of largest raw variance; the projection ``y = C_k (z - mu)`` is an orthogonal
+  projection, so distances between points of the components' span are the same in ``y`` and in the raw
+  latent space (see *Isometry* below).
+* ``train_standardized``: the base store's train-standardised space ``x = (z - m) / s`` (per-dimension train
+  mean ``m`` and std ``s``), so no dimension dominates the fit only because its units are large.
+
+Both are one formula: a fit holds the standardisation ``m``, ``s`` it was made in (``store_mean``,
+``store_std``; ``0`` and ``1`` for ``raw``) and the PCA mean ``mu`` in that space, and the projection of a
+raw frame ``z (D,)`` onto ``k`` components is the affine map
 
     y = C_k ((z - m) / s - mu),     z_hat = (C_k^T y + mu) * s + m,
 
-with ``C_k (k, D)`` the first ``k`` orthonormal components, ``mu (D,)`` the PCA mean in standardised
-space (≈ 0, but IncrementalPCA fits its own), ``m``, ``s`` the store's train mean and std. With ``k = D``
-the round trip is the identity.
+with ``C_k (k, D)`` the first ``k`` orthonormal components. With ``k = D`` the round trip is the identity.
+
+Isometry (``raw`` space). Two projections ``y``, ``y'`` decode to ``z_hat - z_hat' = C_k^T (y - y')`` (the
+mean cancels) and ``C_k C_k^T = I``, so ``‖z_hat - z_hat'‖ = ‖y - y'‖``: the distance between a rollout of
+projected frames and the projected ground truth, both decoded, is their distance in the projected store.
+This holds for the stored float16 projections too (any ``y`` decodes through the same linear map). The
+distance to the *original* raw frame adds the frame's reconstruction residual, orthogonal to the span, in
+quadrature: ``‖z_hat - z‖² = ‖y - C_k (z - mu)‖² + ‖(I - C_k^T C_k)(z - mu)‖²``. For ``train_standardized``
+decoding multiplies by ``s`` per dimension, which is not an isometry.
 
 Fit. :func:`fit_incremental_pca` streams the train split through :class:`sklearn.decomposition.
 IncrementalPCA` in chunks read from the store's memory map, so memory is ``O(chunk_frames x D)`` whatever
@@ -38,33 +52,48 @@ import torch
 from latentdyn.data.latent_store import LatentStore, LatentStoreWriter
 
 __all__ = [
+    "SPACE",
+    "SPACES",
     "PCAFit",
     "PCARepresentation",
+    "check_space",
     "chunk_bounds",
     "fit_incremental_pca",
     "iter_split_chunks",
     "pca_weights",
+    "projection_space",
     "reconstruction_mse",
     "write_projected_store",
 ]
 
-#: The space the PCA is fitted in (see the module docstring); recorded in fits and store metadata.
-SPACE = "train_standardized"
+#: Spaces a PCA can be fitted in (see the module docstring); recorded in fits and store metadata.
+SPACES: tuple[str, ...] = ("raw", "train_standardized")
+#: The default space: raw, centred, unwhitened latents (the reference).
+SPACE = "raw"
+#: The space of fits saved before the key was recorded.
+LEGACY_SPACE = "train_standardized"
 FIT_ARRAYS = "pca_fit.npz"
 FIT_INFO = "pca_fit.json"
-#: Written beside a projected store's files: per-split reconstruction MSE (base standardised units).
+#: Written beside a projected store's files: per-split reconstruction MSE (in the fit's space).
 RECON_FILE = "pca_recon.json"
 
 
-def pca_weights(base_weights: Mapping[str, Any], store: str, k: int) -> dict[str, Any]:
+def check_space(space: str) -> str:
+    """``space`` if it is one of :data:`SPACES`, else ValueError."""
+    if space not in SPACES:
+        raise ValueError(f"PCA space must be one of {SPACES}, got {space!r}")
+    return str(space)
+
+
+def pca_weights(base_weights: Mapping[str, Any], store: str, k: int, space: str = SPACE) -> dict[str, Any]:
     """Provenance of a ``k``-component PCA on top of a base representation: the base's weights, and where
-    the projection was fitted (the train split of the store at ``store``)."""
+    (the train split of the store at ``store``) and in which ``space`` the projection was fitted."""
     return {
         "source": f"fit on train split of {store}",
         "pretrained": bool(base_weights.get("pretrained", False)),
         "kind": "pca",
         "n_components": int(k),
-        "space": SPACE,
+        "space": check_space(space),
         "base": dict(base_weights),
     }
 
@@ -86,6 +115,7 @@ class PCARepresentation(torch.nn.Module):
         mean: ``(D,)`` raw-latent offset subtracted before projecting (see :meth:`PCAFit.representation`).
         scale: ``(D,)`` positive per-dimension divisor applied after subtracting ``mean``; default ones.
         source: where the projection was fitted, for the weights provenance.
+        space: the space the projection was fitted in (:data:`SPACES`), for the weights provenance.
     """
 
     def __init__(
@@ -95,6 +125,7 @@ class PCARepresentation(torch.nn.Module):
         mean: np.ndarray | torch.Tensor,
         scale: np.ndarray | torch.Tensor | None = None,
         source: str = "unknown store",
+        space: str = SPACE,
     ) -> None:
         super().__init__()
         comps = _float_tensor(components)
@@ -118,7 +149,7 @@ class PCARepresentation(torch.nn.Module):
         self.sample_rate = int(base.sample_rate)
         self.frame_rate = float(base.frame_rate)
         self.name = f"pca{self.dim}-{base.name}"
-        self.weights = pca_weights(base.weights, source, self.dim)
+        self.weights = pca_weights(base.weights, source, self.dim, space)
         self.register_buffer("components", comps)
         self.register_buffer("offset", offset)
         self.register_buffer("divisor", divisor)
@@ -161,15 +192,17 @@ class PCARepresentation(torch.nn.Module):
 
 @dataclass(frozen=True)
 class PCAFit:
-    """A PCA fitted on a store's train split in its standardised space (float64 arrays).
+    """A PCA fitted on a store's train split in ``space`` (float64 arrays); see the module docstring.
 
     Attributes:
         components: ``(K, D)`` orthonormal rows, in decreasing order of explained variance.
-        mean: ``(D,)`` PCA mean in standardised space.
-        explained_variance: ``(K,)`` variance along each component (ddof=1, as sklearn).
-        explained_variance_ratio: ``(K,)`` fraction of the total standardised variance per component.
-        store_mean, store_std: ``(D,)`` the base store's train statistics defining the standardised space.
+        mean: ``(D,)`` PCA mean in the fit's space (the raw train mean for ``raw``).
+        explained_variance: ``(K,)`` variance along each component (ddof=1, as sklearn), in the fit's space.
+        explained_variance_ratio: ``(K,)`` fraction of the total variance (in the fit's space) per component.
+        store_mean, store_std: ``(D,)`` the standardisation defining the fit's space: the base store's train
+            mean and std for ``train_standardized``, zeros and ones for ``raw``.
         n_samples: train frames seen; n_chunks: ``partial_fit`` calls; source: the base store's root.
+        space: one of :data:`SPACES`.
     """
 
     components: np.ndarray
@@ -181,6 +214,7 @@ class PCAFit:
     n_samples: int
     n_chunks: int
     source: str
+    space: str = SPACE
 
     @property
     def n_components(self) -> int:
@@ -198,7 +232,7 @@ class PCAFit:
         return int(k)
 
     def explained_fraction(self, k: int) -> float:
-        """Fraction of the total standardised train variance kept by the first ``k`` components."""
+        """Fraction of the total train variance (in the fit's space) kept by the first ``k`` components."""
         return float(np.sum(self.explained_variance_ratio[: self._check_k(k)]))
 
     def project(self, latents: np.ndarray, k: int) -> np.ndarray:
@@ -208,7 +242,8 @@ class PCAFit:
         return (x - self.mean) @ self.components[:k].T
 
     def reconstruct(self, projections: np.ndarray) -> np.ndarray:
-        """``(T, k)`` projections -> ``(T, D)`` float64 latents in the **standardised** space."""
+        """``(T, k)`` projections -> ``(T, D)`` float64 latents in the **fit's** space (raw latents for ``raw``,
+        standardised ones for ``train_standardized``)."""
         k = self._check_k(projections.shape[-1])
         return np.asarray(projections, dtype=np.float64) @ self.components[:k] + self.mean
 
@@ -224,6 +259,7 @@ class PCAFit:
             mean=self.store_mean + self.store_std * self.mean,
             scale=self.store_std,
             source=self.source,
+            space=self.space,
         )
 
     def save(self, directory: Path) -> None:
@@ -244,7 +280,7 @@ class PCAFit:
             "n_samples": self.n_samples,
             "n_chunks": self.n_chunks,
             "source": self.source,
-            "space": SPACE,
+            "space": self.space,
         }
         (directory / FIT_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
@@ -256,7 +292,11 @@ class PCAFit:
         with np.load(directory / FIT_ARRAYS) as arrays:
             fields = {name: np.array(arrays[name]) for name in arrays.files}
         return cls(
-            **fields, n_samples=int(info["n_samples"]), n_chunks=int(info["n_chunks"]), source=info["source"]
+            **fields,
+            n_samples=int(info["n_samples"]),
+            n_chunks=int(info["n_chunks"]),
+            source=info["source"],
+            space=check_space(info.get("space", LEGACY_SPACE)),
         )
 
 
@@ -306,13 +346,18 @@ def iter_split_chunks(store: LatentStore, split: str, chunk_frames: int) -> Iter
 
 
 def fit_incremental_pca(
-    store: LatentStore, n_components: int, chunk_frames: int = 8192, split: str = "train"
+    store: LatentStore,
+    n_components: int,
+    chunk_frames: int = 8192,
+    split: str = "train",
+    space: str = SPACE,
 ) -> PCAFit:
-    """Fit ``n_components`` PCA components on ``split`` of ``store`` in its train-standardised space, streaming.
+    """Fit ``n_components`` PCA components on ``split`` of ``store`` in ``space``, streaming.
 
-    Chunks of ``max(chunk_frames, n_components)`` rows (one at a time) go through
-    ``IncrementalPCA.partial_fit`` in float64. Raises ValueError when ``n_components`` exceeds the store's
-    dimension or the split's frame count.
+    ``space``: ``raw`` (raw latents, centred by the PCA mean, unwhitened) or ``train_standardized`` (the
+    store's per-dimension train standardisation first). Chunks of ``max(chunk_frames, n_components)`` rows
+    (one at a time) go through ``IncrementalPCA.partial_fit`` (no whitening) in float64. Raises ValueError
+    when ``n_components`` exceeds the store's dimension or the split's frame count, or for an unknown space.
     """
     from sklearn.decomposition import IncrementalPCA
 
@@ -323,9 +368,11 @@ def fit_incremental_pca(
         raise ValueError(
             f"split {split!r} of {store.root} has {n_rows} frames, fewer than {n_components} components"
         )
-    mean = store.mean.astype(np.float64)
-    std = store.std.astype(np.float64)
-    ipca = IncrementalPCA(n_components=n_components)
+    if check_space(space) == "raw":
+        mean, std = np.zeros(store.dim), np.ones(store.dim)
+    else:
+        mean, std = store.mean.astype(np.float64), store.std.astype(np.float64)
+    ipca = IncrementalPCA(n_components=n_components, whiten=False)
     n_chunks = 0
     for chunk in iter_split_chunks(store, split, max(chunk_frames, n_components)):
         ipca.partial_fit((chunk.astype(np.float64) - mean) / std)
@@ -340,6 +387,7 @@ def fit_incremental_pca(
         n_samples=int(ipca.n_samples_seen_),
         n_chunks=n_chunks,
         source=str(store.root),
+        space=space,
     )
 
 
@@ -348,9 +396,10 @@ def write_projected_store(fit: PCAFit, base: LatentStore, k: int, root: Path) ->
 
     Index, splits, genders and log energies are copied; the writer recomputes the train statistics. The
     meta records the representation ``pca{k}-<base>``, the base's rates, :func:`pca_weights` and, under
-    ``extra.pca``, the base store and the fraction of variance kept. ``pca_recon.json`` beside the store's
-    files holds the per-split reconstruction MSE per base dimension in the base's standardised space, of
-    the stored float16 projections (what readers of the store get back); see :func:`reconstruction_mse`.
+    ``extra.pca``, the base store, the fit's ``space`` and the fraction of variance kept. ``pca_recon.json``
+    beside the store's files holds the per-split reconstruction MSE per base dimension in the fit's space
+    (raw latent units for ``raw``), of the stored float16 projections (what readers of the store get back);
+    see :func:`reconstruction_mse`.
     """
     if fit.input_dim != base.dim:
         raise ValueError(f"fit expects dim {fit.input_dim}, store {base.root} has dim {base.dim}")
@@ -359,14 +408,14 @@ def write_projected_store(fit: PCAFit, base: LatentStore, k: int, root: Path) ->
         "representation": f"pca{k}-{base_name}",
         "sample_rate": base.meta["sample_rate"],
         "frame_rate": base.frame_rate,
-        "weights": pca_weights(base.meta["weights"], str(base.root), k),
+        "weights": pca_weights(base.meta["weights"], str(base.root), k, fit.space),
         "extra": {
             "pca": {
                 "base_store": str(base.root),
                 "base_representation": base_name,
                 "base_dim": base.dim,
                 "n_components": int(k),
-                "space": SPACE,
+                "space": fit.space,
                 "explained_variance_fraction": fit.explained_fraction(k),
             }
         },
@@ -376,9 +425,10 @@ def write_projected_store(fit: PCAFit, base: LatentStore, k: int, root: Path) ->
     with LatentStoreWriter(root, dim=k, meta=meta) as writer:
         for utt in base.index:
             z = base.utterance_latents(utt)
-            y = fit.project(z, k).astype(np.float16)
+            y = fit.project(z, k)  # float64: the writer checks the float16 range before rounding
+            y16 = y.astype(np.float16)  # what the store will hold
             x = (z.astype(np.float64) - fit.store_mean) / fit.store_std
-            sq_err[utt.split] = sq_err.get(utt.split, 0.0) + float(np.sum((fit.reconstruct(y) - x) ** 2))
+            sq_err[utt.split] = sq_err.get(utt.split, 0.0) + float(np.sum((fit.reconstruct(y16) - x) ** 2))
             count[utt.split] = count.get(utt.split, 0) + z.size
             writer.add(utt.utt_id, utt.speaker, utt.split, y, base.utterance_log_energy(utt), utt.gender)
     recon = {"recon_mse": {split: sq_err[split] / count[split] for split in sorted(sq_err)}}
@@ -386,9 +436,19 @@ def write_projected_store(fit: PCAFit, base: LatentStore, k: int, root: Path) ->
     return LatentStore(root)
 
 
+def projection_space(store: LatentStore) -> str | None:
+    """The space a store written by :func:`write_projected_store` was projected in (``meta.extra.pca.space``;
+    :data:`LEGACY_SPACE` for a projection written before it was recorded), None when it is not a projection."""
+    pca = (store.meta.get("extra") or {}).get("pca")
+    if pca is None:
+        return None
+    return check_space(pca.get("space", LEGACY_SPACE))
+
+
 def reconstruction_mse(store: LatentStore, split: str) -> float:
-    """Reconstruction MSE per base dimension (base standardised units) of ``split`` of a store written by
-    :func:`write_projected_store`; NaN when the store is not a projection or lacks the split."""
+    """Reconstruction MSE per base dimension (in the fit's space, see :func:`write_projected_store`) of
+    ``split`` of a store written by :func:`write_projected_store`; NaN when the store is not a projection or
+    lacks the split."""
     path = Path(store.root) / RECON_FILE
     if not path.is_file():
         return math.nan

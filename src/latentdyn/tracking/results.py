@@ -23,7 +23,17 @@ from latentdyn.tracking.manifest import MANIFEST_NAME, iter_records
 
 CSV_NAME = "results_table.csv"
 MD_NAME = "results_table.md"
-_BASE_COLUMNS = ("experiment", "run_id", "tier", "end_time", "duration_s", "weights", "git_commit", "run_dir")
+_BASE_COLUMNS = (
+    "experiment",
+    "run_id",
+    "tier",
+    "end_time",
+    "duration_s",
+    "data",
+    "weights",
+    "git_commit",
+    "run_dir",
+)
 
 
 @dataclass
@@ -40,6 +50,7 @@ class RunSummary:
     duration_s: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     weights: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
     error: dict[str, Any] | None = None
     git_commit: str | None = None
     host: str | None = None
@@ -77,6 +88,7 @@ def summarize_runs(records: Iterable[dict[str, Any]]) -> list[RunSummary]:
             run.duration_s = rec.get("duration_s")
             run.metrics = dict(rec.get("metrics") or {})
             run.weights = dict(rec.get("weights") or {})
+            run.data = dict(rec.get("data") or {})
             run.error = rec.get("error")
     for run in open_runs.values():
         if _process_alive(run.host, run.pid):
@@ -130,6 +142,7 @@ def table_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[dict[str, An
             "tier": run.tier,
             "end_time": run.end_time,
             "duration_s": run.duration_s,
+            "data": str(run.data.get("label", "")),
             "weights": weights_label(run.weights),
             "git_commit": (run.git_commit or "")[:10],
             "run_dir": run.run_dir,

@@ -85,6 +85,7 @@ class TrackedRun:
     tier: str = ""
     parent_run_id: str | None = None
     weights: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
     result: Mapping[str, Any] | None = None
     _info: dict[str, Any] = field(default_factory=dict, init=False)
     _t0: float = field(default=0.0, init=False)
@@ -114,6 +115,7 @@ class TrackedRun:
             "duration_s": None,
             "metrics": {},
             "weights": self.weights,
+            "data": self.data,
             "error": None,
         }
         write_json(self.run_dir / RUN_INFO_NAME, self._info)
@@ -125,6 +127,12 @@ class TrackedRun:
         """Record where a component's weights came from (a pretrained source, or ``"random"``)."""
         self.weights[name] = dict(provenance)
         self._info["weights"] = self.weights
+        write_json(self.run_dir / RUN_INFO_NAME, self._info)
+
+    def record_data(self, provenance: Mapping[str, Any]) -> None:
+        """Record which corpus and split the run's latents come from (``label``, e.g. ``synthetic/stratified``)."""
+        self.data = dict(provenance)
+        self._info["data"] = self.data
         write_json(self.run_dir / RUN_INFO_NAME, self._info)
 
     def complete(self, metrics: Mapping[str, Any] | None) -> None:
@@ -174,6 +182,7 @@ class TrackedRun:
             "host": self._info.get("host"),
             "pid": os.getpid(),
             "weights": self.weights,
+            "data": self.data,
             "git_commit": self._info.get("git_commit"),
         }
 
@@ -204,6 +213,12 @@ def record_weights(name: str, provenance: Mapping[str, Any]) -> None:
     belongs to (a no-op outside a tracked run, e.g. in unit tests)."""
     for run in _active_runs:
         run.record_weights(name, provenance)
+
+
+def record_data(provenance: Mapping[str, Any]) -> None:
+    """Record the data provenance on every run in progress (see :func:`record_weights`)."""
+    for run in _active_runs:
+        run.record_data(provenance)
 
 
 @contextmanager

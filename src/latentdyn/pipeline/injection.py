@@ -1,0 +1,122 @@
+"""Injection-diagnostic steps: checkpoint -> model and latent store, GT start segments and bank, the diagnostic."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from latentdyn.data.latent_store import LatentStore
+from latentdyn.data.windows import (
+    TRAIN_SPLIT,
+    WindowDataset,
+    WindowSpec,
+    iter_batches,
+    subsample_anchors,
+    window_anchors,
+)
+from latentdyn.diagnostics.battery import fit_unconditional_baseline
+from latentdyn.diagnostics.injection import (
+    InjectionConfig,
+    InjectionResult,
+    rollout_geometry,
+    run_injection,
+    sample_starts,
+)
+from latentdyn.models.baselines import Baseline
+from latentdyn.pipeline.common import bank_from_store, to_model_space
+from latentdyn.pipeline.store import prepare_latent_store
+from latentdyn.tracking.lookup import resolve_checkpoint
+
+log = logging.getLogger(__name__)
+
+# Per-mode summaries that go to the results table; metrics.json has them all.
+KEY_SUMMARIES = ("/dnll", "/cos", "/mag_ratio", "/state_err", "/state_err_at_K")
+
+
+def dynamics_checkpoint(value: str, manifest: Path, horizon_k: int) -> Path:
+    """A trained dynamics checkpoint from ``checkpoint=PATH|RUN_DIR|latest|latest:EXPERIMENT``: an Exp 1 model
+    of horizon ``horizon_k`` (``latest`` is the newest exp1_vmf run) or an Exp 1B fine-tuned one."""
+    return resolve_checkpoint(
+        value, manifest, "exp1_vmf", [f"*_k{horizon_k}_final.ckpt", "*_rollout_final.ckpt"]
+    )
+
+
+def store_of_checkpoint(cfg: DictConfig, run_config: dict[str, Any]) -> LatentStore:
+    """The latent store a checkpoint was trained on: a derived store it names (Exp 4's projections), or this
+    run's config with the checkpoint's data and representation (built or reused as a cached artifact)."""
+    derived = (run_config.get("variant") or {}).get("latent_store")
+    if derived:
+        if not Path(derived).is_dir():
+            raise FileNotFoundError(
+                f"the checkpoint was trained on the derived latent store {derived}, which no longer exists; "
+                "re-run the experiment that produced it (e.g. exp4_linear_readout) to rebuild it"
+            )
+        return LatentStore(Path(derived))
+    store_cfg = cfg.copy()
+    with open_dict(store_cfg):
+        for key in ("data", "representation"):
+            if key in run_config:
+                store_cfg[key] = OmegaConf.create(run_config[key])
+    return prepare_latent_store(store_cfg)
+
+
+@dataclass
+class InjectionInputs:
+    """What the diagnostic needs besides the model: its config, GT start segments ``(N, L, D)`` in the model's
+    space, the fitted unconditional baseline, the manifold bank and the number of utterances used."""
+
+    config: InjectionConfig
+    segments: torch.Tensor
+    baseline: Baseline
+    bank: torch.Tensor | None
+    n_utterances: int
+    raw_scale: torch.Tensor | None
+
+
+def fit_model_baseline(model: Any, store: LatentStore, max_windows: int | None, seed: int) -> Baseline:
+    """The model family's unconditional baseline (``model.baseline``), fitted on the train split's deltas of the
+    model's windows (every slice), in the model's space; at most ``max_windows`` (a seeded subset)."""
+    spec = WindowSpec(model.context, model.horizon, model.context_stride, model.horizon_mode)
+    anchors = subsample_anchors(window_anchors(store, TRAIN_SPLIT, spec), max_windows, seed)
+    windows = WindowDataset(store, anchors, spec, standardize=model.standardized)
+    return fit_unconditional_baseline(model.baseline, iter_batches(windows, 4096))
+
+
+def injection_inputs(model: Any, store: LatentStore, diag_cfg: DictConfig) -> InjectionInputs:
+    """The diagnostic's inputs for ``model`` on ``store``. Seeded: every model with the same geometry gets the
+    same start points."""
+    inj = instantiate(diag_cfg)
+    geometry = rollout_geometry(model)
+    trajectories = [(u.utt_id, store.utterance_latents(u)) for u in store.utterances(inj.split)]
+    starts = sample_starts(trajectories, geometry, inj)
+    segments = to_model_space(store, starts.segments, model.standardized)
+    bank = None
+    if inj.bank_size > 0:
+        bank = bank_from_store(store, TRAIN_SPLIT, inj.bank_size, inj.seed, model.standardized)
+    baseline = fit_model_baseline(model, store, inj.baseline_max_windows, inj.seed)
+    raw_scale = torch.from_numpy(store.std.astype("float32")) if model.standardized else None
+    return InjectionInputs(inj, segments, baseline, bank, len(starts.utterances), raw_scale)
+
+
+def injection_diagnostic(
+    model: Any, store: LatentStore, diag_cfg: DictConfig, correction: Any = None
+) -> InjectionResult:
+    """Run the configured injection diagnostic of ``model`` on ``store`` (in the model's space)."""
+    inputs = injection_inputs(model, store, diag_cfg)
+    with torch.no_grad():
+        return run_injection(
+            model,
+            inputs.segments,
+            inputs.config,
+            inputs.baseline,
+            inputs.bank,
+            correction,
+            inputs.n_utterances,
+            inputs.raw_scale,
+        )
