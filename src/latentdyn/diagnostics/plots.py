@@ -56,7 +56,8 @@ def plot_injection_curves(
         ax.set_xlabel(f"rollout step ({frames_per_step} frame{'s' if frames_per_step != 1 else ''} each)")
         ax.set_ylabel(METRIC_LABELS.get(metric, metric))
         if title:
-            ax.set_title(f"{title} · {metric}", fontsize="medium")
+            # A figure title, above the secondary time axis and its label.
+            fig.suptitle(f"{title} · {metric}", fontsize="medium")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", title="line: mean; band: over starts", title_fontsize="x-small")
         if frame_rate:
