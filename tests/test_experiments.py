@@ -47,6 +47,8 @@ def test_exp1_writes_checkpoints_metrics_and_tables(compose_cfg, lightning_loade
     assert metrics["k1/dnll"] == pytest.approx(metrics["k1/nll"] - metrics["k1/nll_baseline"])
     assert model_all["horizon_mode"] == "lag"
     assert metrics["k1/persistence_mse"] > 0
+    gap = json.loads((run_dir / "metrics.json").read_text())["horizons"]["k1"]["rollout_gap"]
+    assert metrics["k1/rollout_gap_nll"] == pytest.approx(gap["rollout_nll"] - gap["teacher_nll"])
     # The reference's defaults: lag sample on raw latents; the checkpoint says so.
     assert (loaded.horizon_mode, loaded.standardized) == ("lag", False)
     details = json.loads((run_dir / "metrics.json").read_text())

@@ -1,9 +1,12 @@
 """Exp 1: a direction/magnitude (vMF x LogNormal) dynamics model per horizon k, and the Phase 1 battery.
 
-For each k in ``horizons``: train on the configured window slice of the train split, save
-``checkpoints/<model>_k{k}_final.ckpt``, then evaluate the battery (NLL per dimension, direction cosine,
-magnitude log-error, MSE) on every slice of the evaluation split, next to the persistence (Δ = 0) and
-linear-extrapolation baselines. ``model=gaussian_mdn`` gives the mixture-density baseline, same outputs.
+For each k in ``horizons``: train on the configured window slice of the train split (the next one-frame delta
+from the W frames ending k frames earlier), save ``checkpoints/<model>_k{k}_final.ckpt``, then evaluate the
+battery on every slice of the evaluation split: NLL, ΔNLL against the unconditional baseline of the model's
+family (uniform direction x LogNormal norm), cos and magnitude ratio of the point prediction, log-magnitude
+R², with persistence (Δ = 0) and linear extrapolation as extra rows. The reference's rollout block then
+free-runs whole test utterances and reports the gap between the NLL under the rollout's own context and under
+teacher forcing (``rollout_gap``). ``model=gaussian_mdn`` gives the mixture-density model, same outputs.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from latentdyn.diagnostics.battery import write_battery_table
+from latentdyn.pipeline.injection import rollout_gap
 from latentdyn.pipeline.store import prepare_latent_store
 from latentdyn.pipeline.train import KEY_METRICS, model_battery, train_horizon
 from latentdyn.tracking.run import METRICS_NAME, write_json
@@ -38,6 +42,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
             k_rows = model_battery(cfg, model, store)
             rows += k_rows
             details["horizons"][f"k{k}"] = {"checkpoint": str(ckpt), "fit": fit, "battery": k_rows}
+            if cfg.rollout_gap.enabled:
+                gap = rollout_gap(model.net, store, cfg.diagnostic, int(cfg.rollout_gap.n_utterances))
+                details["horizons"][f"k{k}"]["rollout_gap"] = gap
+                key.update(
+                    {f"k{k}/rollout_gap_nll": gap["gap_nll"], f"k{k}/rollout_dnll": gap["rollout_dnll"]}
+                )
             for row in k_rows:
                 if row["slice"] != cfg.datamodule.slice:
                     continue

@@ -82,17 +82,12 @@ def frame_by_frame_context(model: DeltaModel) -> int:
     """
     horizon, stride = int(model.horizon), int(model.context_stride)
     mode = getattr(model, "horizon_mode", "stride")
-    if mode == "lag" and (horizon != 1 or stride != 1):
+    if horizon != 1 or stride != 1:
+        lag = f" (its context ends {horizon} frames before the predicted frame)" if mode == "lag" else ""
         raise ValueError(
-            f"Exp 7 rolls out frame by frame and needs a k = 1 model (horizon 1); this horizon_mode=lag model "
-            f"has horizon {horizon} (its context ends {horizon} frames before the predicted frame) and "
-            f"context_stride {stride}: use a k = 1 checkpoint"
-        )
-    if mode != "lag" and (horizon != 1 or stride != 1):
-        raise ValueError(
-            f"Exp 7 rolls out frame by frame and needs a model with horizon == context_stride == 1; "
-            f"this horizon_mode={mode} model has horizon {horizon} and context_stride {stride} "
-            "(use a k = 1 checkpoint)"
+            f"Exp 7 rolls out frame by frame and needs a k = 1 model (horizon == context_stride == 1); this "
+            f"horizon_mode={mode} model has horizon {horizon}{lag} and context_stride {stride}: use a k = 1 "
+            "checkpoint"
         )
     return int(model.context)
 

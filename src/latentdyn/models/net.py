@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from latentdyn.data.windows import WindowSpec
 from latentdyn.models.protocol import DeltaPredictive
 
 
@@ -30,8 +31,6 @@ class DynamicsNet(nn.Module):
         standardized: bool = False,
     ) -> None:
         super().__init__()
-        from latentdyn.data.windows import WindowSpec
-
         # Validates the geometry (positive sizes; a lag model reads a contiguous context).
         self.spec = WindowSpec(context, horizon, context_stride, horizon_mode)
         self.dim, self.context, self.horizon, self.context_stride = dim, context, horizon, context_stride

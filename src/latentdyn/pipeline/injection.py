@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -120,3 +122,59 @@ def injection_diagnostic(
             inputs.n_utterances,
             inputs.raw_scale,
         )
+
+
+def rollout_gap(model: Any, store: LatentStore, diag_cfg: DictConfig, n_utterances: int) -> dict[str, float]:
+    """The reference's Exp 1 rollout block: free-run ``model`` through whole utterances and compare.
+
+    ``n_utterances`` utterances of the diagnostic's split (its seeded shuffle; each cropped to its
+    ``max_frames``) are rolled out from their first valid frame ``t0 = W + k - 1`` to their end, the state
+    advancing by the point prediction, next to teacher forcing on the same frames. Returns, over all rolled
+    frames: ``teacher_nll`` and ``rollout_nll`` (of the true one-frame delta under GT / rollout contexts, nats
+    per frame), their ``dnll`` against the baseline, ``gap_nll = rollout_nll - teacher_nll``, and the counts.
+    """
+    inj = instantiate(diag_cfg)
+    geometry = rollout_geometry(model)
+    baseline = fit_model_baseline(model, store, inj.baseline_max_windows, inj.seed)
+    trajectories = [(u.utt_id, store.utterance_latents(u)) for u in store.utterances(inj.split)]
+    order = np.random.default_rng(inj.seed + 123).permutation(len(trajectories))
+    sums = {"A_teacher": [0.0, 0.0], "D_rollout": [0.0, 0.0]}
+    frames = used = 0
+    for i in order.tolist():
+        x = trajectories[i][1][:: geometry.subsample][: inj.max_frames]
+        k_steps = int(x.shape[0]) - geometry.origin
+        if k_steps < 1:
+            continue
+        cfg = dataclasses.replace(
+            inj,
+            modes=["A_teacher", "D_rollout"],
+            k_steps=k_steps,
+            inject_after_periodic=[],
+            inject_after_one_shot=[],
+            n_samples=1 if inj.predict != "sample" else inj.n_samples,
+        )
+        segment = to_model_space(store, np.asarray(x, dtype=np.float32)[None], model.standardized)
+        with torch.no_grad():
+            result = run_injection(model, segment, cfg, baseline)
+        for m, mode in enumerate(result.modes):
+            sums[mode][0] += float(result.per_start["nll"][m].sum())
+            sums[mode][1] += float(result.per_start["nll_baseline"][m].sum())
+        frames += k_steps
+        used += 1
+        if used == n_utterances:
+            break
+    if frames == 0:
+        raise ValueError(
+            f"no utterance of split {inj.split!r} is long enough for a rollout ({geometry.origin + 1} frames)"
+        )
+    teacher, rollout = (sums[mode][0] / frames for mode in ("A_teacher", "D_rollout"))
+    base = sums["A_teacher"][1] / frames
+    return {
+        "teacher_nll": teacher,
+        "rollout_nll": rollout,
+        "teacher_dnll": teacher - base,
+        "rollout_dnll": rollout - base,
+        "gap_nll": rollout - teacher,
+        "n_frames": float(frames),
+        "n_utterances": float(used),
+    }
