@@ -68,3 +68,8 @@ def manifest_lines(root: Path) -> list[dict]:
     """The manifest's records under ``root/outputs``."""
     path = root / "outputs" / "manifest.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def spec_id(spec: object) -> str:
+    """A readable pytest id of a ``WindowSpec``: ``lag-W3-k2-s1``."""
+    return f"{spec.horizon_mode}-W{spec.context}-k{spec.horizon}-s{spec.context_stride}"

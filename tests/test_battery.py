@@ -35,6 +35,7 @@ from latentdyn.diagnostics.battery import (
 )
 from latentdyn.models.baselines import DiagonalGaussianBaseline, SphereLogNormalBaseline
 from latentdyn.models.protocol import DeltaModel, DeltaPredictive
+from tests.conftest import spec_id
 
 META = {"representation": "fake", "sample_rate": 16000, "frame_rate": 50.0, "weights": {"source": "random"}}
 DIM = 6
@@ -46,10 +47,6 @@ STRIDE_SPECS = [
     WindowSpec(2, 3, 3, horizon_mode="stride"),
 ]
 SPECS = LAG_SPECS + STRIDE_SPECS
-
-
-def spec_id(spec: WindowSpec) -> str:
-    return f"{spec.horizon_mode}-W{spec.context}-k{spec.horizon}-s{spec.context_stride}"
 
 
 @pytest.fixture(scope="module")

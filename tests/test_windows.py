@@ -26,6 +26,7 @@ from latentdyn.data.windows import (
     train_energy_threshold,
     window_anchors,
 )
+from tests.conftest import spec_id
 
 META = {"representation": "fake", "sample_rate": 16000, "frame_rate": 50.0, "weights": {"source": "random"}}
 LENGTHS = {
@@ -41,10 +42,6 @@ STRIDE_SPECS = [
     WindowSpec(2, 3, 3, horizon_mode="stride"),
 ]
 SPECS = LAG_SPECS + STRIDE_SPECS
-
-
-def spec_id(spec: WindowSpec) -> str:
-    return f"{spec.horizon_mode}-W{spec.context}-k{spec.horizon}-s{spec.context_stride}"
 
 
 def make_store(
