@@ -176,6 +176,12 @@ class InjectionConfig:
         return out
 
 
+def utterance_order(n_utterances: int, cfg: InjectionConfig) -> list[int]:
+    """The seeded order (a ``seed + 123`` shuffle, as the reference's) in which the diagnostic visits a split's
+    ``n_utterances`` utterances."""
+    return np.random.default_rng(cfg.seed + 123).permutation(n_utterances).tolist()
+
+
 @dataclass
 class StartPoints:
     """GT segments ``(N, L, D)`` float32 of the chosen starts, and where they come from."""
@@ -195,12 +201,11 @@ def sample_starts(
     ``starts_per_utterance`` distinct starts ``t0`` in ``[W + k - 1, T - K - 1)`` each (``numpy`` generator
     seeded with ``seed``, drawn utterance after utterance). ``trajectories``: ``(utt_id, (T, D))`` pairs."""
     k_steps, origin = cfg.k_steps, geometry.origin
-    order = np.random.default_rng(cfg.seed + 123).permutation(len(trajectories))
     rng = np.random.default_rng(cfg.seed)
     segments: list[torch.Tensor] = []
     used: list[str] = []
     starts: list[tuple[str, int]] = []
-    for i in order.tolist():
+    for i in utterance_order(len(trajectories), cfg):
         utt_id, traj = trajectories[i]
         x = traj[:: geometry.subsample][: cfg.max_frames]
         first, stop = origin, int(x.shape[0]) - k_steps - 1

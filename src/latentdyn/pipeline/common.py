@@ -34,17 +34,6 @@ def to_raw_space(store: LatentStore, x: torch.Tensor, standardized: bool) -> tor
     return x * torch.from_numpy(store.std).to(x) + torch.from_numpy(store.mean).to(x)
 
 
-def model_standardized(run_config: dict[str, Any]) -> bool:
-    """Whether a checkpoint's model works in the standardised space (``standardize`` of the run that trained
-    it; checkpoints from before the key existed were all standardised)."""
-    return bool(run_config.get("standardize", True))
-
-
-def split_trajectories(store: LatentStore, split: str) -> list[np.ndarray]:
-    """The split's utterances as raw ``(T, D)`` float16 memmap views (no copy)."""
-    return [store.utterance_latents(u) for u in store.utterances(split)]
-
-
 def bank_from_store(
     store: LatentStore, split: str, size: int, seed: int, standardized: bool = True
 ) -> torch.Tensor:

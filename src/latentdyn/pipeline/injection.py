@@ -29,6 +29,7 @@ from latentdyn.diagnostics.injection import (
     rollout_geometry,
     run_injection,
     sample_starts,
+    utterance_order,
 )
 from latentdyn.models.baselines import Baseline
 from latentdyn.pipeline.common import bank_from_store, to_model_space
@@ -137,10 +138,9 @@ def rollout_gap(model: Any, store: LatentStore, diag_cfg: DictConfig, n_utteranc
     geometry = rollout_geometry(model)
     baseline = fit_model_baseline(model, store, inj.baseline_max_windows, inj.seed)
     trajectories = [(u.utt_id, store.utterance_latents(u)) for u in store.utterances(inj.split)]
-    order = np.random.default_rng(inj.seed + 123).permutation(len(trajectories))
     sums = {"A_teacher": [0.0, 0.0], "D_rollout": [0.0, 0.0]}
     frames = used = 0
-    for i in order.tolist():
+    for i in utterance_order(len(trajectories), inj):
         x = trajectories[i][1][:: geometry.subsample][: inj.max_frames]
         k_steps = int(x.shape[0]) - geometry.origin
         if k_steps < 1:
@@ -151,7 +151,6 @@ def rollout_gap(model: Any, store: LatentStore, diag_cfg: DictConfig, n_utteranc
             k_steps=k_steps,
             inject_after_periodic=[],
             inject_after_one_shot=[],
-            n_samples=1 if inj.predict != "sample" else inj.n_samples,
         )
         segment = to_model_space(store, np.asarray(x, dtype=np.float32)[None], model.standardized)
         with torch.no_grad():
