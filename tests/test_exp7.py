@@ -336,7 +336,7 @@ def test_k2_checkpoints_are_refused_and_defaults_follow_the_reference(
 
     # A lag model with k = 2 (the same weights: the horizon does not change the network) is refused before
     # any decoding.
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     state["hyper_parameters"]["horizon"] = 2
     bad = tmp_path / "lag_k2.ckpt"
     torch.save(state, bad)

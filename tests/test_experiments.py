@@ -34,7 +34,7 @@ def test_exp1_writes_checkpoints_metrics_and_tables(compose_cfg, lightning_loade
     prefix = "vmf" if model == "vmf_lognormal" else "mdn"
     ckpt = run_dir / "checkpoints" / f"{prefix}_k1_final.ckpt"
     assert ckpt.is_file()
-    assert torch.load(ckpt, weights_only=False)[CONFIG_KEY]["name"] == "exp1_vmf"
+    assert torch.load(ckpt, weights_only=True)[CONFIG_KEY]["name"] == "exp1_vmf"
     loaded = load_dynamics(ckpt)
     assert loaded.run_config["model"]["head"]["_target_"] == cfg.model.head._target_
     with (run_dir / "tables.csv").open() as fh:
