@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -65,10 +66,20 @@ def test_tier1_runs_three_sub_runs_and_resume_reruns_only_failed_ones(tmp_path: 
         info = json.loads((sub_dir / sub / "run_info.json").read_text())
         assert info["status"] == "completed" and info["parent_run_id"] == "T"
     assert (sub_dir / "exp3_rep_compare" / "summary.csv").is_file()
+    # The resumed tier1 run carries the key metrics of the sub-runs it skipped.
+    tier1_metrics = json.loads((sub_dir / "run_info.json").read_text())["metrics"]
+    for prefix, sub in (("exp1", "exp1_vmf"), ("exp2", "exp2_injection"), ("exp3", "exp3_rep_compare")):
+        sub_metrics = json.loads((sub_dir / sub / "run_info.json").read_text())["metrics"]
+        carried = {k: v for k, v in sub_metrics.items() if k.endswith(("/dnll", "/state_err_at_K"))}
+        assert carried, f"{sub} has no key metrics"
+        assert {k: tier1_metrics[f"{prefix}/{k}"] for k in carried} == carried
 
-    # resume again: nothing starts.
+    # resume again: nothing starts, and the results table has one row per run id.
     run_cli([*common, "representations=[mel]", "resume=true"], tmp_path)
     assert [_started(tmp_path, s) for s in subs] == [1, 1, 2]
+    run_cli([], tmp_path, module="latentdyn.tracking.results")
+    with (tmp_path / "outputs" / "results_table.csv").open() as fh:
+        assert [row["run_id"] for row in csv.DictReader(fh)].count("T") == 1
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,19 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     return dict(metrics or {})
 
 
+def _raise_if_invalid(cfg: DictConfig) -> None:
+    """Raise the validation error of this job's config, if it has one (a multirun job is checked here)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from latentdyn.tracking.callback import validate_job
+    from latentdyn.tracking.preflight import ConfigError
+
+    try:
+        validate_job(cfg, HydraConfig.get())
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured experiment as one tracked job."""
@@ -50,6 +63,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
             + "\nStart with `latentdyn experiment=quickstart`; `latentdyn --help` lists every option."
         )
     if current_run() is None:
+        _raise_if_invalid(cfg)
         raise RuntimeError(
             "run tracking did not start (see the warning above); refusing to run an untracked job"
         )

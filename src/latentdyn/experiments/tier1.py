@@ -2,7 +2,8 @@
 
 Each sub-experiment's config is composed from its own experiment file (``exp1_config``, ``exp2_config``,
 ``exp3_config``) with the command line's other overrides. With ``resume=true`` a sub-run whose
-``completed`` line is in the manifest is skipped; crashed or failed ones run again.
+``completed`` line is in the manifest is skipped and its recorded metrics carried into tier1's; crashed or
+failed ones run again.
 """
 
 from __future__ import annotations
@@ -35,14 +36,14 @@ OWN_KEYS = (
 )
 
 
-def completed_run_ids(manifest: Path) -> set[str]:
-    """Run ids whose latest attempt completed."""
-    return {r.run_id for r in summarize_runs(iter_records(manifest)) if r.status == "completed"}
+def completed_runs(manifest: Path) -> dict[str, dict[str, Any]]:
+    """Key metrics of the runs whose latest attempt completed, by run id."""
+    return {r.run_id: r.metrics for r in summarize_runs(iter_records(manifest)) if r.status == "completed"}
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
     overrides = inherited_overrides(cfg, OWN_KEYS)
-    done = completed_run_ids(Path(cfg.paths.manifest)) if cfg.resume else set()
+    done = completed_runs(Path(cfg.paths.manifest)) if cfg.resume else {}
     key: dict[str, float] = {}
 
     def step(config_name: str, **values: Any) -> tuple[Path, dict[str, Any]]:
@@ -50,8 +51,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         run_id = f"{cfg.run_id}/{sub.name}"
         run_dir = Path(cfg.run_dir) / str(sub.name)
         if run_id in done:
-            log.info("resume: sub-run %s already completed, skipped", run_id)
-            return run_dir, {}
+            log.info("resume: sub-run %s already completed, skipped (its metrics carried over)", run_id)
+            return run_dir, dict(done[run_id])
         _, metrics = run_sub_experiment(
             cfg, str(sub.name), get_method(sub.pipeline), tier=str(sub.tier), base=sub, **values
         )

@@ -1,11 +1,15 @@
-"""Hydra callback that tracks every job of a run or a multirun (registered in ``conf/hydra/default.yaml``).
+"""Hydra callback that checks and tracks every job of a run or a multirun (registered in
+``conf/hydra/default.yaml``).
 
-``on_multirun_end`` is deliberately not used: Hydra skips it when a job fails.
+Before a run (or a sweep) starts it validates the config and claims the run directory
+(:mod:`latentdyn.tracking.preflight`); a failed check ends the command with a message naming the key, before
+Hydra creates any directory. ``on_multirun_end`` is deliberately not used: Hydra skips it when a job fails.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from latentdyn.tracking.preflight import ConfigError, check_run_id, claim_run_dir, overridden_keys, validate
 from latentdyn.tracking.run import TrackedRun
+
+log = logging.getLogger(__name__)
 
 
 def job_config(config: DictConfig) -> dict[str, Any]:
@@ -28,15 +35,60 @@ def job_config(config: DictConfig) -> dict[str, Any]:
     return resolved
 
 
+def validate_job(config: DictConfig, hydra_cfg: Any) -> None:
+    """Validate a job's config given its Hydra node: the run id, the types of the command line's values
+    against the same experiment composed without them, and the value rules. Raises ConfigError."""
+    from hydra import compose
+
+    overrides = list(hydra_cfg.overrides.task)
+    choices, keys = overridden_keys(overrides, hydra_cfg.runtime.choices.keys())
+    baseline = compose(config_name=hydra_cfg.job.config_name, overrides=choices) if keys else None
+    validate(config, baseline, keys)
+
+
+def _stop(exc: ConfigError) -> SystemExit:
+    # Hydra turns a callback's exceptions into warnings; SystemExit is not an Exception and ends the command.
+    return SystemExit(f"latentdyn: {exc}")
+
+
 class RunTrackingCallback(Callback):
-    """Writes a run's record files and manifest lines around each Hydra job."""
+    """Checks the config, claims the run directory and writes the run's record files and manifest lines."""
 
     def __init__(self) -> None:
         self._run: TrackedRun | None = None
 
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("pipeline") is None:
+            return
+        try:
+            validate_job(config, config.hydra)
+            claimed = claim_run_dir(
+                Path(str(config.hydra.run.dir)), str(config.run_id), config.resume, config.overwrite
+            )
+        except ConfigError as exc:
+            raise _stop(exc) from None
+        if claimed != "new":
+            log.info("run_id=%s exists: %s", config.run_id, claimed)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("pipeline") is None:
+            return
+        try:
+            check_run_id(config.run_id)
+            claim_run_dir(
+                Path(str(config.hydra.sweep.dir)), str(config.run_id), config.resume, config.overwrite
+            )
+        except ConfigError as exc:
+            raise _stop(exc) from None
+
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.get("pipeline") is None:
             return  # no experiment chosen: the app refuses to run, there is nothing to record
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            try:
+                validate_job(config, config.hydra)
+            except ConfigError:
+                return  # not tracked: the app validates again and fails with the message
         hydra_cfg = HydraConfig.get()
         resolved = job_config(config)
         run_id = str(resolved["run_id"])

@@ -61,18 +61,22 @@ def summarize_runs(records: Iterable[dict[str, Any]]) -> list[RunSummary]:
     """Fold manifest lines into runs, in start order.
 
     Each ``started`` line opens a run; the next ``completed``/``failed`` line with the same run id closes
-    it. A run never closed is ``crashed`` (or ``running`` if its process is still alive on this host).
+    it. A run never closed is ``crashed`` (or ``running`` if its process is still alive on this host). A
+    run started again in the same directory (``resume=true``, ``overwrite=true``) replaces its earlier
+    attempt: one run id, one row.
     """
     runs: list[RunSummary] = []
     open_runs: dict[str, RunSummary] = {}
+    latest_attempt: dict[tuple[str, str], RunSummary] = {}
     for rec in records:
         status, run_id = rec.get("status"), str(rec.get("run_id"))
         if status == "started":
+            run_dir = str(rec.get("run_dir") or "")
             run = RunSummary(
                 run_id=run_id,
                 experiment=str(rec.get("experiment")),
                 tier=str(rec.get("tier") or ""),
-                run_dir=str(rec.get("run_dir") or ""),
+                run_dir=run_dir,
                 status="crashed",
                 start_time=str(rec.get("time")),
                 git_commit=rec.get("git_commit"),
@@ -81,6 +85,7 @@ def summarize_runs(records: Iterable[dict[str, Any]]) -> list[RunSummary]:
             )
             runs.append(run)
             open_runs[run_id] = run
+            latest_attempt[(run_id, run_dir)] = run
         elif status in ("completed", "failed") and run_id in open_runs:
             run = open_runs.pop(run_id)
             run.status = status
@@ -93,7 +98,7 @@ def summarize_runs(records: Iterable[dict[str, Any]]) -> list[RunSummary]:
     for run in open_runs.values():
         if _process_alive(run.host, run.pid):
             run.status = "running"
-    return runs
+    return [run for run in runs if latest_attempt[(run.run_id, run.run_dir)] is run]
 
 
 def _process_alive(host: str | None, pid: int | None) -> bool:
