@@ -23,8 +23,10 @@ def _slow_build(counter: Path):
     return build
 
 
-def _worker(cache: str, counter: str, out: str) -> None:
-    path = artifacts.get_or_build(Path(cache), "corpus", SPEC, _slow_build(Path(counter)))
+def _worker(cache: str, counter: str, out: str, force: bool = False, barrier=None) -> None:
+    if barrier is not None:
+        barrier.wait(timeout=60)
+    path = artifacts.get_or_build(Path(cache), "corpus", SPEC, _slow_build(Path(counter)), force=force)
     Path(out).write_text((path / "data.txt").read_text())
 
 
@@ -44,6 +46,26 @@ def test_concurrent_builders_build_once(tmp_path: Path) -> None:
         p.join(timeout=120)
         assert p.exitcode == 0
     assert counter.read_text().count("built") == 1
+    assert all(o.read_text() == "payload" for o in outs)
+
+
+def test_concurrent_forced_rebuilds_build_once(tmp_path: Path) -> None:
+    """Two jobs started together with force=true: one rebuild, not one after the other."""
+    counter = tmp_path / "count.txt"
+    cache = tmp_path / "cache"
+    artifacts.get_or_build(cache, "corpus", SPEC, _slow_build(counter))
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    outs = [tmp_path / f"out{i}.txt" for i in range(2)]
+    procs = [
+        ctx.Process(target=_worker, args=(str(cache), str(counter), str(o), True, barrier)) for o in outs
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    assert counter.read_text().count("built") == 2  # the first build and one forced rebuild
     assert all(o.read_text() == "payload" for o in outs)
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -46,6 +47,15 @@ def is_complete(path: Path) -> bool:
     return (path / SPEC_NAME).is_file()
 
 
+def built_since(path: Path, since: float) -> bool:
+    """Whether the complete artifact at ``path`` finished building at or after ``since`` (Unix seconds)."""
+    try:
+        record = json.loads((path / SPEC_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return float(record.get("built_at_unix", float("-inf"))) >= since
+
+
 def get_or_build(
     cache_dir: Path,
     kind: str,
@@ -61,17 +71,22 @@ def get_or_build(
         kind: artifact family (``corpus``, ``splits``, ``latents``, ...), a subdirectory of the cache.
         spec: everything that determines the artifact's content (hashed into its key, saved beside it).
         build: fills an empty directory with the artifact; must not write anywhere else.
-        force: rebuild even if a complete artifact exists.
+        force: rebuild even if a complete artifact exists: once, now. Concurrent forced requests share one
+            rebuild (one that finished after a request was made satisfies it).
     """
     final = artifact_path(cache_dir, kind, spec)
     final.parent.mkdir(parents=True, exist_ok=True)
     force = force and final not in _forced_this_process
+    requested = time.time()
     if is_complete(final) and not force:
         log.info("artifact %s/%s reused: %s", kind, final.name, final)
         return final
     with FileLock(str(final) + ".lock", timeout=-1):
-        if is_complete(final) and not force:
+        if is_complete(final) and (not force or built_since(final, requested)):
+            # `force` asks for a rebuild from now on: one a concurrent job finished while we waited counts.
             log.info("artifact %s/%s reused (built by a concurrent job): %s", kind, final.name, final)
+            if force:
+                _forced_this_process.add(final)
             return final
         tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
@@ -83,6 +98,7 @@ def get_or_build(
                 "key": final.name,
                 "spec": spec,
                 "built_at": datetime.now(UTC).isoformat(),
+                "built_at_unix": time.time(),
                 "pid": os.getpid(),
             }
             (tmp / SPEC_NAME).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
