@@ -25,3 +25,17 @@ def hang(cfg: DictConfig) -> dict[str, float]:
     Path(cfg.run_dir, "hanging").write_text("x")
     time.sleep(600)
     return {}
+
+
+def missing_weights(cfg: DictConfig) -> dict[str, float]:
+    """Builds a component whose weights cannot be found, through Hydra's instantiate like the pipelines do."""
+    from hydra.utils import instantiate
+
+    instantiate({"_target_": "tests.pipelines.needs_weights"})
+    return {}
+
+
+def needs_weights() -> None:
+    from latentdyn.representations.weights import WeightsUnavailableError, missing_weights_message
+
+    raise WeightsUnavailableError(missing_weights_message("org/model", "w.safetensors", "not in the cache"))

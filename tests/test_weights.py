@@ -21,6 +21,7 @@ from latentdyn.representations.weights import (
     hf_hub_cache_dir,
     hf_hub_offline,
     locate_pretrained,
+    missing_weights_message,
     random_provenance,
     resolve_checkpoint,
     resolve_hf_file,
@@ -299,3 +300,41 @@ def test_an_unresolvable_hub_is_not_asked_and_fails_fast(
         resolve_hf_file(REPO, FILENAME)
     assert time.monotonic() - t0 < 10
     assert [c["local_files_only"] for c in calls] == [True]
+
+
+def test_missing_weights_message_advises_unsetting_offline_only_when_it_is_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in HF_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(weights, "hub_resolves", lambda timeout_s=5.0: False)
+    with pytest.raises(WeightsUnavailableError) as info:
+        resolve_hf_file(REPO, FILENAME)
+    message = str(info.value)
+    assert "HF_HUB_OFFLINE" not in message and "local_files_only" not in message
+    assert "does not resolve" in message
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "unset HF_HUB_OFFLINE (it is set now)" in missing_weights_message(REPO, FILENAME, "x")
+
+
+def test_missing_weights_reach_the_user_and_the_run_record_as_readable_text(tmp_path: Path) -> None:
+    """Hydra's instantiate wraps the error in a one-line repr; the CLI and run_info.json show the message."""
+    from tests.conftest import REPO_ROOT
+
+    env = {**os.environ, "LATENTDYN_ROOT": str(tmp_path), "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "latentdyn", "pipeline=tests.pipelines.missing_weights", "run_id=w", "name=w"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "Provide them in one of two ways:\n  1. a local file" in proc.stderr
+    assert "InstantiationException" not in proc.stderr and "\\n" not in proc.stderr
+    info = json.loads(next((tmp_path / "outputs").glob("*/w/w/run_info.json")).read_text())
+    assert info["error"]["type"] == "WeightsUnavailableError"
+    assert info["error"]["message"].startswith("pretrained weights unavailable")
+    assert "\n  1. a local file" in info["error"]["message"]

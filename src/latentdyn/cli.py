@@ -14,6 +14,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig
 
 from latentdyn.config import conf_dir, register_resolvers
+from latentdyn.errors import user_facing
 
 log = logging.getLogger("latentdyn")
 
@@ -67,4 +68,10 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         raise RuntimeError(
             "run tracking did not start (see the warning above); refusing to run an untracked job"
         )
-    return run_pipeline(cfg)
+    try:
+        return run_pipeline(cfg)
+    except Exception as exc:
+        shown = user_facing(exc)
+        if shown is exc:
+            raise
+        raise shown from None

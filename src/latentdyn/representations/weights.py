@@ -29,6 +29,7 @@ import torch
 from huggingface_hub import hf_hub_download
 
 from latentdyn.data.download import sha256_file
+from latentdyn.errors import UserFacingError
 
 __all__ = [
     "WeightsFile",
@@ -50,7 +51,7 @@ _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserFacingError, RuntimeError):
     """Pretrained weights were asked for but neither a local checkpoint nor the HF hub could supply them."""
 
 
@@ -101,12 +102,13 @@ def missing_weights_message(
         cause: why the hub could not supply it (the hub's own error message).
         config_key: the config group whose ``checkpoint`` / ``pretrained`` keys the user can override.
     """
+    offline_advice = " and unset HF_HUB_OFFLINE (it is set now)" if hf_hub_offline() else ""
     return (
         f"pretrained weights unavailable: could not get {filename!r} from the Hugging Face hub repo "
         f"{repo!r} ({cause}).\n"
         "Provide them in one of two ways:\n"
         f"  1. a local file: {config_key}.checkpoint=/path/to/{filename}\n"
-        "  2. the HF hub: make huggingface.co reachable (and unset HF_HUB_OFFLINE), or pre-download the file\n"
+        f"  2. the HF hub: make huggingface.co reachable{offline_advice}, or pre-download the file\n"
         f"     on a machine that can reach it with `huggingface-cli download {repo} {filename}` and set\n"
         f"     HF_HOME (or HF_HUB_CACHE) to that cache (searched now: {hf_hub_cache_dir()}).\n"
         f"For a run with randomly initialised weights instead, set {config_key}.pretrained=false."
@@ -142,19 +144,28 @@ def resolve_hf_file(
         WeightsUnavailableError: the file is neither cached nor downloadable (offline, network error,
             missing or gated repo or file); the message says how to provide it (:func:`missing_weights_message`).
     """
+    offline = hf_hub_offline()
+    # Cached copies are used either way; a hub whose name does not even resolve is not asked (its client
+    # would retry for ~25 s before failing).
+    unreachable = not offline and not hub_resolves()
     try:
         path = hf_hub_download(
             repo_id=repo,
             filename=filename,
             revision=revision,
             cache_dir=hf_hub_cache_dir(),
-            # Cached copies are used either way; a hub whose name does not even resolve is not asked (its
-            # client would retry for ~25 s before failing).
-            local_files_only=hf_hub_offline() or not hub_resolves(),
+            local_files_only=offline or unreachable,
         )
     # huggingface_hub's HTTP, offline and cache-miss errors are OSErrors; bad repo ids are ValueErrors.
     except (OSError, ValueError) as err:
-        cause = f"{type(err).__name__}: {err}".strip()
+        if offline:
+            cause = "HF_HUB_OFFLINE is set and the file is not in the local cache"
+        elif unreachable:
+            cause = (
+                "the hub's host name does not resolve (no network?) and the file is not in the local cache"
+            )
+        else:
+            cause = f"{type(err).__name__}: {err}".strip()
         raise WeightsUnavailableError(
             missing_weights_message(repo, filename, cause, config_key=config_key)
         ) from err

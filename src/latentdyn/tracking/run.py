@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from latentdyn.errors import user_facing
 from latentdyn.jsonio import write_json_atomic
 from latentdyn.tracking.manifest import append_record
 from latentdyn.tracking.provenance import git_state, software_versions
@@ -141,7 +142,9 @@ class TrackedRun:
         log.info("run %s completed; outputs in %s", self.run_id, self.run_dir)
 
     def fail(self, exc: BaseException) -> None:
-        """Mark the run failed with the error's type, message and traceback."""
+        """Mark the run failed with the error's type, message and traceback (of the user-facing error it
+        wraps, if any: see :func:`latentdyn.errors.user_facing`)."""
+        exc = user_facing(exc)
         error = {
             "type": type(exc).__name__,
             "message": str(exc),
@@ -239,5 +242,8 @@ def tracked_run(**kwargs: Any) -> Iterator[TrackedRun]:
         yield run
     except BaseException as exc:
         run.fail(exc)
+        shown = user_facing(exc)
+        if shown is not exc:
+            raise shown from None
         raise
     run.complete(run.result)
