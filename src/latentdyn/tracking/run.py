@@ -22,15 +22,17 @@ from typing import Any
 import yaml
 
 from latentdyn.errors import user_facing
-from latentdyn.jsonio import write_json_atomic
+from latentdyn.jsonio import write_json_atomic, write_text_atomic
 from latentdyn.tracking.manifest import append_record
-from latentdyn.tracking.provenance import git_state, software_versions
+from latentdyn.tracking.provenance import git_patch, git_state, invocation, software_versions
 
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.yaml"
 RUN_INFO_NAME = "run_info.json"
 RUN_LOG_NAME = "run.log"
+# For a run from a checkout with uncommitted changes: `git diff HEAD`, so the run can be reproduced.
+PATCH_NAME = "git_diff.patch"
 METRICS_NAME = "metrics.json"
 
 _LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
@@ -96,7 +98,7 @@ class TrackedRun:
         """Create the run directory, write config and run_info, open run.log, append ``started``."""
         self.run_dir = Path(self.run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / CONFIG_NAME).write_text(yaml.safe_dump(dict(self.config), sort_keys=False))
+        write_text_atomic(self.run_dir / CONFIG_NAME, yaml.safe_dump(dict(self.config), sort_keys=False))
         self._attach_log()
         self._t0 = time.monotonic()
         self._info = {
@@ -108,7 +110,9 @@ class TrackedRun:
             "run_dir": str(self.run_dir),
             "overrides": list(self.overrides),
             "seed": self.config.get("seed"),
+            **invocation(),
             **git_state(),
+            **self._record_patch(),
             **software_versions(),
             "pid": os.getpid(),
             "start_time": _utc_now(),
@@ -123,6 +127,15 @@ class TrackedRun:
         append_record(self.manifest_path, self._manifest_line("started"))
         _active_runs.append(self)
         log.info("run %s (%s) started in %s", self.run_id, self.experiment, self.run_dir)
+
+    def _record_patch(self) -> dict[str, Any]:
+        """Write the uncommitted changes next to the run; the run_info fields that point to them."""
+        found = git_patch()
+        if found is None:
+            return {"git_patch": None, "git_untracked": []}
+        patch, untracked = found
+        write_text_atomic(self.run_dir / PATCH_NAME, patch)
+        return {"git_patch": PATCH_NAME, "git_untracked": untracked}
 
     def record_weights(self, name: str, provenance: Mapping[str, Any]) -> None:
         """Record where a component's weights came from (a pretrained source, or ``"random"``)."""
