@@ -39,3 +39,12 @@ def needs_weights() -> None:
     from latentdyn.representations.weights import WeightsUnavailableError, missing_weights_message
 
     raise WeightsUnavailableError(missing_weights_message("org/model", "w.safetensors", "not in the cache"))
+
+
+def custom_dynamics(**kwargs):
+    """A dynamics model chosen by ``model._target_`` (a DynamicsModel that says it was built from here)."""
+    from latentdyn.models.dynamics import DynamicsModel
+
+    model = DynamicsModel(**kwargs)
+    model.built_by = "tests.pipelines.custom_dynamics"
+    return model

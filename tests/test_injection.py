@@ -805,7 +805,3 @@ def test_write_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         png = out / f"injection_{metric}.png"
         assert png in paths and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert "vmf k=1" in titles[png.name] and metric in titles[png.name]
-    # Without a title the figure carries none.
-    titles.clear()
-    result.write(tmp_path / "untitled")
-    assert titles and all(t == "" for t in titles.values())

@@ -173,3 +173,14 @@ def test_generate_utterance_contract() -> None:
 def test_invalid_parameters(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         SyntheticCorpus(**kwargs)
+
+
+def test_materialize_shows_progress_even_without_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Generation takes seconds to minutes: the bar shows in logs and pipes too (stderr is not a TTY here)."""
+    SyntheticCorpus(n_speakers=1, utterances_per_speaker=2, min_duration=0.5, max_duration=0.6).materialize(
+        tmp_path
+    )
+    err = capsys.readouterr().err
+    assert "synthetic corpus" in err and "2/2" in err

@@ -16,6 +16,7 @@ the same parameters give byte-identical files and an identical index.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -407,7 +408,7 @@ class SyntheticCorpus:
         root = Path(root).resolve()
         utterances: list[Utterance] = []
         total = self.n_speakers * self.utterances_per_speaker
-        with tqdm(total=total, desc="synthetic corpus", unit="utt", disable=None) as progress:
+        with tqdm(total=total, desc="synthetic corpus", unit="utt", file=sys.stderr) as progress:
             for s in range(self.n_speakers):
                 speaker = f"s{s:03d}"
                 (root / speaker).mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ Conventions shared by the perceptual experiments (Exp 3B, Exp 7):
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import re
@@ -38,6 +39,7 @@ from hydra.utils import instantiate
 from latentdyn.data.audio import BadAudioError, load_audio, resample
 from latentdyn.data.latent_store import LatentStore, StoreUtterance
 from latentdyn.diagnostics.audio_metrics import AUDIO_METRIC_KEYS, MRSTFT_FFT_SIZES, audio_distances, si_sdr
+from latentdyn.jsonio import write_bytes_atomic
 from latentdyn.representations.base import Representation
 from latentdyn.representations.mel import hop_length
 
@@ -252,7 +254,10 @@ def write_wav(
         raise ValueError(f"gain must be finite and > 0, got {gain}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, data * np.float32(gain) if gain != 1.0 else data, int(sample_rate), subtype=WAV_SUBTYPE)
+    buf = io.BytesIO()
+    scaled = data * np.float32(gain) if gain != 1.0 else data
+    sf.write(buf, scaled, int(sample_rate), subtype=WAV_SUBTYPE, format="WAV")
+    write_bytes_atomic(path, buf.getvalue())
     return {
         "sample_rate": int(sample_rate),
         "n_samples": int(data.size),

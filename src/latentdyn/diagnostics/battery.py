@@ -47,6 +47,7 @@ from latentdyn.data.windows import (
     subsample_anchors,
     window_anchors,
 )
+from latentdyn.jsonio import write_text_atomic
 from latentdyn.models.baselines import Baseline, DiagonalGaussianBaseline
 from latentdyn.models.protocol import DeltaModel, point_prediction
 
@@ -345,5 +346,5 @@ def write_battery_table(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> 
     """Write :func:`battery_table` to ``out_dir/tables.csv`` (directory created if needed); return the path."""
     path = Path(out_dir) / TABLES_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(battery_table(rows))
+    write_text_atomic(path, battery_table(rows))
     return path

@@ -299,12 +299,13 @@ class InjectionResult:
             "config": asdict(self.config),
         }
 
-    def write(self, out_dir: Path, frame_rate: float | None = None, title: str | None = None) -> list[Path]:
+    def write(self, out_dir: Path, frame_rate: float | None = None, *, title: str) -> list[Path]:
         """Write ``injection_diag.json``, ``per_step.csv`` and one PNG per metric; returns the paths.
 
-        ``frame_rate`` (frames/s), if given, adds a seconds axis to the plots.
+        ``title`` (see :func:`~latentdyn.diagnostics.plots.figure_title`) heads every plot; ``frame_rate``
+        (frames/s), if given, adds a seconds axis to the plots.
         """
-        from latentdyn.diagnostics.plots import plot_injection_curves
+        from latentdyn.diagnostics.plots import band_label, plot_injection_curves
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -315,8 +316,16 @@ class InjectionResult:
             writer = csv.DictWriter(fh, fieldnames=["mode", "step", "metric", "mean", "lo", "hi"])
             writer.writeheader()
             writer.writerows(self.per_step)
+        band = band_label(
+            self.config.band, self.config.band_level, self.per_start["nll"].shape[1], self.config.n_bootstrap
+        )
         pngs = plot_injection_curves(
-            self.per_step, out_dir, frame_rate=frame_rate, frames_per_step=self.frames_per_step, title=title
+            self.per_step,
+            out_dir,
+            title=title,
+            band=band,
+            frame_rate=frame_rate,
+            frames_per_step=self.frames_per_step,
         )
         return [json_path, csv_path, *pngs]
 

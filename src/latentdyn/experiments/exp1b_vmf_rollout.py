@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 
 from latentdyn.data.latent_store import LatentStore
 from latentdyn.diagnostics.injection import InjectionResult, run_injection
+from latentdyn.diagnostics.plots import figure_title
 from latentdyn.pipeline.common import checkpoint_dir, plain, window_datamodule
 from latentdyn.pipeline.injection import injection_inputs, store_of_checkpoint
 from latentdyn.tracking.lookup import resolve_checkpoint
@@ -201,7 +202,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     module.eval()
 
     before, after, starts = before_after(source.net, module.net, store, cfg.diagnostic)
-    after.write(run_dir, frame_rate=store.frame_rate, title=f"Exp 1B after fine-tuning · {cfg.run_id}")
+    title = figure_title(cfg.name, cfg.run_id, horizon=int(module.horizon), extra="after fine-tuning")
+    after.write(run_dir, frame_rate=store.frame_rate, title=title)
     details = {
         "source_checkpoint": str(source_path),
         "checkpoint": str(ckpt),

@@ -16,6 +16,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from latentdyn.diagnostics.plots import figure_title
 from latentdyn.pipeline.injection import (
     KEY_SUMMARIES,
     dynamics_checkpoint,
@@ -36,7 +37,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     store = store_of_checkpoint(cfg, model.run_config)
     correction = instantiate(cfg.correction) if cfg.correction.get("_target_") else None
     result = injection_diagnostic(model.net, store, cfg.diagnostic, correction)
-    title = f"Exp 2 injection · {cfg.run_id} · k={model.horizon}"
+    title = figure_title(cfg.name, cfg.run_id, horizon=int(model.horizon))
     paths = result.write(Path(cfg.run_dir), frame_rate=store.frame_rate, title=title)
     write_json(Path(cfg.run_dir) / METRICS_NAME, {"metrics": result.to_metrics(), "checkpoint": str(ckpt)})
     for path in paths:

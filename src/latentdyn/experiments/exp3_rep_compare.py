@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from latentdyn.config import conf_dir
+from latentdyn.diagnostics.plots import figure_title
 from latentdyn.pipeline.common import write_csv_rows
+from latentdyn.pipeline.composite import command_line_overrides, group_config, unused_group_overrides
 from latentdyn.pipeline.injection import injection_diagnostic
 from latentdyn.pipeline.store import prepare_latent_store
 from latentdyn.pipeline.train import model_battery, train_horizon
@@ -48,16 +51,24 @@ def seconds_to_frames(seconds: float, frame_rate: float, what: str = "horizon") 
     return frames
 
 
-def representation_config(cfg: DictConfig, name: str) -> DictConfig:
-    """``cfg`` with ``representation`` replaced by ``conf/representation/<name>.yaml`` (interpolations resolve
-    against ``cfg``, so ``pretrained: ${pretrained}`` follows the run) and outputs under ``<run_dir>/<name>``."""
-    path = conf_dir() / "representation" / f"{name}.yaml"
-    if not path.is_file():
-        available = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ValueError(f"unknown representation {name!r} in exp3 representations; available: {available}")
+def check_representations(names: Sequence[str]) -> None:
+    """Each of ``names`` is a file of the ``representation`` config group, or ValueError listing them."""
+    available = sorted(p.stem for p in (conf_dir() / "representation").glob("*.yaml"))
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise ValueError(
+            f"unknown representation {unknown[0]!r} in exp3 representations; available: {available}"
+        )
+
+
+def representation_config(cfg: DictConfig, name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """``cfg`` with ``representation`` replaced by the config group's ``<name>`` node, with the command line's
+    ``representation.*`` ``overrides`` applied where that node has the key (interpolations resolve against
+    ``cfg``, so ``pretrained: ${pretrained}`` follows the run), and outputs under ``<run_dir>/<name>``."""
+    check_representations([name])
     rep_cfg = cfg.copy()
     with open_dict(rep_cfg):
-        rep_cfg.representation = OmegaConf.load(path)
+        rep_cfg.representation = group_config("representation", name, overrides)
         rep_cfg.run_dir = str(Path(cfg.run_dir) / name)
     return rep_cfg
 
@@ -75,9 +86,11 @@ def horizons_and_context(cfg: DictConfig, frame_rate: float) -> tuple[list[int],
     raise ValueError(f"horizons_in must be one of {HORIZON_UNITS}, got {cfg.horizons_in!r}")
 
 
-def compare_one(cfg: DictConfig, name: str, logger: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def compare_one(
+    cfg: DictConfig, name: str, logger: Any, overrides: Sequence[str] = ()
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Phase 0, Phase 1 and the injection diagnostic of one representation; summary rows and its diagnostic."""
-    rep_cfg = representation_config(cfg, name)
+    rep_cfg = representation_config(cfg, name, overrides)
     store = prepare_latent_store(rep_cfg)
     fr = float(store.frame_rate)
     horizons, context = horizons_and_context(cfg, fr)
@@ -93,7 +106,8 @@ def compare_one(cfg: DictConfig, name: str, logger: Any) -> tuple[list[dict[str,
             rows.append({**identity, "horizon_frames": k, "horizon_s": k / fr, **row})
     one_frame = models[1] if 1 in models else train_horizon(rep_cfg, store, 1, logger)[0]
     result = injection_diagnostic(one_frame.net, store, rep_cfg.diagnostic)
-    result.write(Path(rep_cfg.run_dir) / "injection", frame_rate=fr, title=f"Exp 3 injection · {name} · k=1")
+    title = figure_title(cfg.name, cfg.run_id, horizon=int(one_frame.horizon), extra=f"injection · {name}")
+    result.write(Path(rep_cfg.run_dir) / "injection", frame_rate=fr, title=title)
     diag = result.to_dict()
     diag["frame_rate"] = fr
     for mode in result.modes:
@@ -116,11 +130,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from latentdyn.models.training import job_logger
 
     run_dir = Path(cfg.run_dir)
+    names = [str(name) for name in cfg.representations]
+    check_representations(names)
+    overrides = command_line_overrides()
+    unused = unused_group_overrides("representation", names, overrides)
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: no compared representation ({', '.join(names)}) has this key")
     rows: list[dict[str, Any]] = []
     diagnostics: dict[str, Any] = {}
     with job_logger(cfg) as logger:
-        for name in cfg.representations:
-            rep_rows, diagnostics[name] = compare_one(cfg, str(name), logger)
+        for name in names:
+            rep_rows, diagnostics[name] = compare_one(cfg, name, logger, overrides)
             rows += rep_rows
     write_csv_rows(rows, run_dir / "summary.csv")
     write_json(run_dir / "injection_diag.json", diagnostics)

@@ -49,6 +49,7 @@ from omegaconf import DictConfig, open_dict
 
 from latentdyn import artifacts
 from latentdyn.data.latent_store import LatentStore
+from latentdyn.diagnostics.plots import explained_variance_figure, figure_title, save_figure
 from latentdyn.pipeline.common import plain, write_csv_rows
 from latentdyn.pipeline.injection import injection_diagnostic
 from latentdyn.pipeline.store import prepare_latent_store
@@ -176,11 +177,14 @@ def prepare_projected_store(cfg: DictConfig, base_store: LatentStore, dim: int) 
     return store
 
 
-def write_explained_variance(fit: PCAFit, dims: list[int], run_dir: Path) -> list[Path]:
-    """``explained_variance.csv`` (per component: variance, ratio, cumulative ratio) and a PNG of the curve
-    with the chosen ``dims`` marked."""
-    from matplotlib.figure import Figure
+def explained_variance_title(cfg: DictConfig) -> str:
+    """The explained-variance figure's title: experiment, run id and the fit's space."""
+    return figure_title(cfg.name, cfg.run_id, extra=f"PCA explained variance ({pca_space(cfg)} space)")
 
+
+def write_explained_variance(fit: PCAFit, dims: list[int], run_dir: Path, *, title: str) -> list[Path]:
+    """``explained_variance.csv`` (per component: variance, ratio, cumulative ratio) and a PNG of the curve
+    with the chosen ``dims`` marked, headed by ``title`` (:func:`explained_variance_title`)."""
     csv_path = run_dir / "explained_variance.csv"
     cumulative = fit.explained_variance_ratio.cumsum()
     with csv_path.open("w", newline="") as fh:
@@ -190,21 +194,10 @@ def write_explained_variance(fit: PCAFit, dims: list[int], run_dir: Path) -> lis
             zip(fit.explained_variance, fit.explained_variance_ratio, cumulative, strict=True), start=1
         ):
             writer.writerow([i, float(var), float(ratio), float(cum)])
-    fig = Figure(figsize=(6.4, 4.0))
-    ax = fig.subplots()
-    components = range(1, fit.n_components + 1)
-    ax.bar(components, fit.explained_variance_ratio, color="0.7", label="per component")
-    ax.plot(components, cumulative, marker=".", label="cumulative")
-    for k in dims:
-        ax.axvline(k, color="C3", linestyle=":", linewidth=1)
-        ax.annotate(f"{cumulative[k - 1]:.3f}", (k, cumulative[k - 1]), fontsize="small")
-    ax.set_xlabel(f"principal component (of {fit.input_dim} dims)")
-    ax.set_ylabel(f"fraction of train variance ({fit.space.replace('_', ' ')})")
-    ax.set_ylim(0.0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    png_path = run_dir / "explained_variance.png"
-    fig.savefig(png_path, dpi=120, bbox_inches="tight")
+    fig = explained_variance_figure(
+        fit.explained_variance_ratio, dims, title=title, input_dim=fit.input_dim, space=fit.space
+    )
+    png_path = save_figure(fig, run_dir / "explained_variance.png", dpi=120)
     return [csv_path, png_path]
 
 
@@ -269,11 +262,9 @@ def evaluate_variant(
         row.update(horizon_columns(k, rows, str(cfg.datamodule.slice)))
     one_frame = models[1] if 1 in models else train_horizon(var_cfg, store, 1, logger)[0]
     result = injection_diagnostic(one_frame.net, store, var_cfg.diagnostic)
-    result.write(
-        Path(var_cfg.run_dir) / "injection",
-        frame_rate=store.frame_rate,
-        title=f"Exp 4 injection · {name} ({store.dim} dims) · k=1",
-    )
+    extra = f"injection · {name} ({store.dim} dims)"
+    title = figure_title(cfg.name, cfg.run_id, horizon=int(one_frame.horizon), extra=extra)
+    result.write(Path(var_cfg.run_dir) / "injection", frame_rate=store.frame_rate, title=title)
     isometric = raw_scale_is_isometric(store)
     if not isometric:
         log.warning(
@@ -308,7 +299,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if dims[-1] > base.dim:
         raise ValueError(f"pca.dims {dims} exceed the dimension {base.dim} of {base.meta['representation']}")
     fit, fit_path = prepare_pca_fit(cfg, base, dims[-1])
-    write_explained_variance(fit, dims, run_dir)
+    write_explained_variance(fit, dims, run_dir, title=explained_variance_title(cfg))
     variants: list[tuple[str, LatentStore, float, float]] = [(RAW, base, 1.0, 0.0)]
     for k in dims:
         store = prepare_projected_store(cfg, base, k)

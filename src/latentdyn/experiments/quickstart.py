@@ -1,5 +1,5 @@
 """The offline quickstart: Phase 0 -> Exp 1 (k = 1) -> Exp 2 on the configured data and representation,
-then the results table of those runs and the paths of the plots."""
+then a compact table of those runs (the full one in ``results_table.md``) and the paths of the plots."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 from hydra.utils import get_method
 from omegaconf import DictConfig
 
+from latentdyn.jsonio import write_text_atomic
 from latentdyn.pipeline.composite import run_sub_experiment
 from latentdyn.tracking.manifest import iter_records
+from latentdyn.tracking.report import compact_runs
 from latentdyn.tracking.results import render_markdown, summarize_runs
 
 log = logging.getLogger(__name__)
@@ -31,10 +33,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
         for r in summarize_runs(iter_records(Path(cfg.paths.manifest)))
         if r.run_id.startswith(f"{cfg.run_id}/")
     ]
-    print("\n" + render_markdown([r for r in runs if r.status == "completed"], runs))
+    table = Path(cfg.run_dir) / "results_table.md"
+    write_text_atomic(table, render_markdown([r for r in runs if r.status == "completed"], runs))
+    print("\n" + compact_runs([r for r in runs if r.status == "completed"]))
     plots = sorted(Path(exp2_cfg.run_dir).glob("*.png"))
     print("Plots:\n" + "\n".join(f"  {p}" for p in plots))
     print(f"Battery table: {Path(exp1_cfg.run_dir) / 'tables.csv'}")
+    print(f"Results table: {table}")
     k = int(cfg.horizon_k)
     return {
         "train_frames": p0["train_frames"],

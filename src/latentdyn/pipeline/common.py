@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from latentdyn.data.latent_store import LatentStore
+from latentdyn.jsonio import write_csv_atomic
 
 
 def standardize(store: LatentStore, x: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -56,24 +56,28 @@ def plain(node: Any) -> Any:
 
 
 def build_dynamics(cfg: DictConfig, dim: int, horizon: int) -> Any:
-    """The configured dynamics LightningModule for latent dimension ``dim`` and horizon ``horizon``."""
-    from latentdyn.models.dynamics import DynamicsModel
+    """The dynamics LightningModule ``cfg.model`` names (``_target_``, e.g. ``DynamicsModel``) for latent
+    dimension ``dim`` and horizon ``horizon``, in the run's sample and space (``horizon_mode``,
+    ``standardize``), with the run's resolved config to embed in its checkpoints.
+
+    The backbone and head nodes are passed on as configs (the model instantiates them).
+    """
+    from hydra.utils import instantiate
 
     model_cfg = plain(cfg.model)
-    stride = (
-        horizon if model_cfg.get("context_stride") == "horizon" else int(model_cfg.get("context_stride", 1))
-    )
-    return DynamicsModel(
+    if not model_cfg.get("_target_"):
+        raise ValueError("model._target_ is not set: name the dynamics LightningModule to build")
+    stride = model_cfg.pop("context_stride", 1)
+    model_cfg.pop("horizon", None)
+    return instantiate(
+        model_cfg,
+        _recursive_=False,
+        _convert_="all",
+        dim=dim,
+        horizon=int(horizon),
+        context_stride=int(horizon) if stride == "horizon" else int(stride),
         horizon_mode=str(cfg.horizon_mode),
         standardized=bool(cfg.standardize),
-        dim=dim,
-        context=int(model_cfg["context"]),
-        horizon=int(horizon),
-        context_stride=stride,
-        backbone=model_cfg["backbone"],
-        head=model_cfg["head"],
-        optimizer=model_cfg["optimizer"],
-        name=str(model_cfg.get("name", "model")),
         run_config=plain(cfg),
     )
 
@@ -117,7 +121,4 @@ def write_csv_rows(rows: Sequence[dict[str, Any]], path: Path) -> None:
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    with Path(path).open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv_atomic(Path(path), columns, rows)

@@ -8,7 +8,7 @@ Each sub-run gets its own directory inside the parent's (``<run_dir>/<experiment
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,18 +61,63 @@ def run_sub_experiment(
     return cfg, dict(run.result)
 
 
-def compose_experiment(experiment: str, overrides: list[str]) -> DictConfig:
-    """Compose ``experiment=<experiment>`` with ``overrides`` from the app's config tree, as the CLI would."""
+def compose_app(overrides: Sequence[str]) -> DictConfig:
+    """The app's config composed with ``overrides``, as the CLI would (inside a Hydra job or outside)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from latentdyn.config import conf_dir
 
-    all_overrides = [f"experiment={experiment}", *overrides]
     if GlobalHydra.instance().is_initialized():
-        return compose(config_name="config", overrides=all_overrides)
+        return compose(config_name="config", overrides=list(overrides))
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=all_overrides)
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def compose_experiment(experiment: str, overrides: list[str]) -> DictConfig:
+    """Compose ``experiment=<experiment>`` with ``overrides`` from the app's config tree, as the CLI would."""
+    return compose_app([f"experiment={experiment}", *overrides])
+
+
+def command_line_overrides() -> list[str]:
+    """The running Hydra job's command-line overrides (none outside the CLI)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def group_config(group: str, choice: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """The node of config group ``group`` as ``group=choice`` composes it, with those of ``overrides`` that set
+    keys under ``group.`` applied where the chosen node has the key (``+``/``++`` ones always).
+
+    For pipelines that build several members of one group in a run (Exp 3's representations): the user's
+    ``representation.pretrained=false`` applies to each. An override whose key no member has is an error of
+    the caller's (see :func:`unused_group_overrides`). Unresolved: interpolations resolve where it is put.
+    """
+    base = compose_app([f"{group}={choice}"])[group]
+    applicable = [o for o in group_overrides(group, overrides) if _applies(base, group, o)]
+    if not applicable:
+        return base
+    return compose_app([f"{group}={choice}", *applicable])[group]
+
+
+def group_overrides(group: str, overrides: Sequence[str]) -> list[str]:
+    """Those of ``overrides`` that set a key under ``group.`` (``representation.pretrained=false``)."""
+    return [o for o in overrides if o.lstrip("+~").split("=", 1)[0].startswith(f"{group}.")]
+
+
+def _applies(node: DictConfig, group: str, override: str) -> bool:
+    key = override.lstrip("+~").split("=", 1)[0][len(group) + 1 :]
+    return override.startswith("+") or OmegaConf.select(node, key, default=_MISSING) is not _MISSING
+
+
+_MISSING = object()
+
+
+def unused_group_overrides(group: str, choices: Sequence[str], overrides: Sequence[str]) -> list[str]:
+    """Overrides of ``group.*`` keys that none of ``choices`` has (a typo, or a key of another member)."""
+    nodes = [compose_app([f"{group}={choice}"])[group] for choice in choices]
+    return [o for o in group_overrides(group, overrides) if not any(_applies(n, group, o) for n in nodes)]
 
 
 def _is_config_group(key: str) -> bool:

@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from latentdyn.tracking.preflight import ConfigError, check_run_id, claim_run_dir, overridden_keys, validate
+from latentdyn.tracking.report import end_of_run
 from latentdyn.tracking.run import TrackedRun
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,11 @@ class RunTrackingCallback(Callback):
             return
         if job_return.status == JobStatus.COMPLETED:
             run.complete(job_return.return_value)
+            # Last on the terminal: the key metrics, where the outputs are, what to run next.
+            summary = end_of_run(
+                run.experiment, run.run_id, str(run.run_dir), run.metrics, config.get("next")
+            )
+            print("\n" + summary, flush=True)
         else:
             error = job_return._return_value
             if not isinstance(error, BaseException):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from latentdyn.jsonio import write_text_atomic
 from latentdyn.tracking.manifest import MANIFEST_NAME, iter_records
 
 CSV_NAME = "results_table.csv"
@@ -248,8 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown)
     if not args.no_save:
         columns, rows = table_rows(selected)
-        (outputs / CSV_NAME).write_text(render_csv(columns, rows))
-        (outputs / MD_NAME).write_text(markdown)
+        write_text_atomic(outputs / CSV_NAME, render_csv(columns, rows))
+        write_text_atomic(outputs / MD_NAME, markdown)
         print(f"wrote {outputs / CSV_NAME} and {outputs / MD_NAME}")
     return 0
 

@@ -149,6 +149,11 @@ class TrackedRun:
         self._info["data"] = self.data
         write_json(self.run_dir / RUN_INFO_NAME, self._info)
 
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """The key metrics recorded when the run ended (empty before)."""
+        return dict(self._info.get("metrics") or {})
+
     def complete(self, metrics: Mapping[str, Any] | None) -> None:
         """Mark the run completed with its key metrics."""
         self._finish("completed", clean_metrics(metrics), error=None)
