@@ -30,14 +30,22 @@ N_STARTS = UTTERANCES * STARTS_PER_UTTERANCE
 @pytest.fixture
 def saved_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, Figure]:
     """Every Figure the code saves, by file name (the figure itself, so its artists can be inspected)."""
+    from latentdyn.diagnostics import plots
+
     figures: dict[str, Figure] = {}
-    original = Figure.savefig
+    rendered: list[Figure] = []
+    original_savefig, original_write = Figure.savefig, plots.write_bytes_atomic
 
     def recording_savefig(self: Figure, fname: Any, *args: Any, **kwargs: Any) -> Any:
-        figures[Path(fname).name] = self
-        return original(self, fname, *args, **kwargs)
+        rendered.append(self)
+        return original_savefig(self, fname, *args, **kwargs)
+
+    def recording_write(path: Path, data: bytes) -> None:
+        figures[Path(path).name] = rendered[-1]
+        original_write(path, data)
 
     monkeypatch.setattr(Figure, "savefig", recording_savefig)
+    monkeypatch.setattr(plots, "write_bytes_atomic", recording_write)
     return figures
 
 

@@ -34,7 +34,6 @@ space (raw, or standardised when it was trained so). Fully teacher-forced rows a
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,7 +44,7 @@ import numpy as np
 import torch
 
 from latentdyn.diagnostics.manifold import DEFAULT_CHUNK, nearest_neighbour_distance
-from latentdyn.jsonio import write_json_atomic
+from latentdyn.jsonio import write_csv_atomic, write_json_atomic
 from latentdyn.models.baselines import Baseline
 from latentdyn.models.geometry import RolloutGeometry, check_int, rollout_geometry
 from latentdyn.models.protocol import PREDICT, DeltaModel, point_prediction
@@ -312,10 +311,7 @@ class InjectionResult:
         json_path = out_dir / DIAG_FILE
         write_json_atomic(json_path, self.to_dict())
         csv_path = out_dir / "per_step.csv"
-        with csv_path.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["mode", "step", "metric", "mean", "lo", "hi"])
-            writer.writeheader()
-            writer.writerows(self.per_step)
+        write_csv_atomic(csv_path, ["mode", "step", "metric", "mean", "lo", "hi"], self.per_step)
         band = band_label(
             self.config.band, self.config.band_level, self.per_start["nll"].shape[1], self.config.n_bootstrap
         )

@@ -8,10 +8,13 @@ chunks too, so a file found alone still says what it shows.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from latentdyn.jsonio import write_bytes_atomic
 
 if TYPE_CHECKING:
     import numpy as np
@@ -82,7 +85,9 @@ def save_figure(fig: Figure, path: Path, *, dpi: int = 110, caption: str | None 
     metadata = {"Title": fig.get_suptitle()}
     if caption:
         metadata["Description"] = caption
-    fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata=metadata)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata=metadata)
+    write_bytes_atomic(Path(path), buf.getvalue())
     return Path(path)
 
 

@@ -37,7 +37,6 @@ injection diagnostic), ``explained_variance.csv`` / ``.png``, per-variant ``<var
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -50,6 +49,7 @@ from omegaconf import DictConfig, open_dict
 from latentdyn import artifacts
 from latentdyn.data.latent_store import LatentStore
 from latentdyn.diagnostics.plots import explained_variance_figure, figure_title, save_figure
+from latentdyn.jsonio import write_csv_atomic
 from latentdyn.pipeline.common import plain, write_csv_rows
 from latentdyn.pipeline.injection import injection_diagnostic
 from latentdyn.pipeline.store import prepare_latent_store
@@ -187,13 +187,14 @@ def write_explained_variance(fit: PCAFit, dims: list[int], run_dir: Path, *, tit
     with the chosen ``dims`` marked, headed by ``title`` (:func:`explained_variance_title`)."""
     csv_path = run_dir / "explained_variance.csv"
     cumulative = fit.explained_variance_ratio.cumsum()
-    with csv_path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["component", "explained_variance", "explained_variance_ratio", "cumulative_ratio"])
+    columns = ["component", "explained_variance", "explained_variance_ratio", "cumulative_ratio"]
+    rows = (
+        dict(zip(columns, (i, float(var), float(ratio), float(cum)), strict=True))
         for i, (var, ratio, cum) in enumerate(
             zip(fit.explained_variance, fit.explained_variance_ratio, cumulative, strict=True), start=1
-        ):
-            writer.writerow([i, float(var), float(ratio), float(cum)])
+        )
+    )
+    write_csv_atomic(csv_path, columns, rows)
     fig = explained_variance_figure(
         fit.explained_variance_ratio, dims, title=title, input_dim=fit.input_dim, space=fit.space
     )
