@@ -14,6 +14,7 @@ import pytest
 import soundfile as sf
 from hydra.utils import instantiate
 
+from latentdyn.data.audio import read_bad_files
 from latentdyn.data.corpus import Utterance
 from latentdyn.data.download import ChecksumError
 from latentdyn.data.librispeech import LIBRISPEECH_SUBSETS, LibriSpeechCorpus, read_speakers_txt
@@ -83,7 +84,9 @@ def test_index_fields(tree, tmp_path: Path) -> None:
     corpus = LibriSpeechCorpus(root=str(root), subsets=["train-clean-100", "dev-clean"])
     utts = corpus.materialize(tmp_path / "work")
     assert [u.utt_id for u in utts] == sorted(frames)
-    assert not (tmp_path / "work").exists()  # nothing is copied into the artifact directory
+    # Nothing is copied into the artifact directory; it gets only the record of the files left out (none).
+    assert [p.name for p in (tmp_path / "work").iterdir()] == ["bad_files.json"]
+    assert read_bad_files(tmp_path / "work" / "bad_files.json") == []
     for u in utts:
         speaker, chapter, _ = u.utt_id.split("-")
         sex, subset = SPEAKERS[speaker]

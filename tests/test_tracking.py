@@ -207,3 +207,18 @@ def test_weights_recorded_in_a_sub_run_also_land_on_its_composite_run(tmp_path: 
         p.result = {}
     runs = {r.run_id: r for r in summarize_runs(iter_records(manifest))}
     assert runs["p/s"].weights == runs["p"].weights == {"mimi": {"source": "random", "pretrained": False}}
+
+
+def test_manifest_keeps_the_bad_file_count_and_run_info_the_list(tmp_path: Path) -> None:
+    from latentdyn.tracking.run import record_data
+
+    bad = [{"path": f"/d/{i}.flac", "stage": "index", "reason": "empty"} for i in range(3)]
+    with tracked_run(
+        run_dir=tmp_path / "r", manifest_path=tmp_path / "m.jsonl", run_id="r", experiment="e", config={}
+    ) as run:
+        record_data({"label": "librispeech/reference", "n_bad_files": 3, "bad_files": bad})
+        run.result = {}
+    info = json.loads((tmp_path / "r" / "run_info.json").read_text())
+    assert info["data"]["bad_files"] == bad
+    lines = list(iter_records(tmp_path / "m.jsonl"))
+    assert all(line["data"].get("n_bad_files", 3) == 3 and "bad_files" not in line["data"] for line in lines)

@@ -1,18 +1,35 @@
-"""Loading audio files as validated mono float32 waveforms at a representation's sample rate.
+"""Loading audio files as validated mono float32 waveforms at a representation's sample rate, and the record
+of files that could not be used.
 
 Every problem with a file is raised as :class:`BadAudioError` naming the file and the reason, so
-the caller (which owns the skip-or-fail policy) can report it; nothing unusable is returned.
+the caller (which owns the skip-or-fail policy) can report it; nothing unusable is returned. A stage that
+meets a bad file (corpus indexing, latent extraction) applies ``data.on_bad_audio`` with
+:func:`report_bad_file` and keeps what it skipped as :class:`BadFile` records in its artifact
+(:func:`write_bad_files`), so every later run that uses the artifact can list them.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
+
+log = logging.getLogger(__name__)
+
+#: What ``data.on_bad_audio`` may say: leave a bad file out (and record it), or stop at it.
+BAD_AUDIO_POLICIES = ("skip", "error")
+#: The stages that read audio, in pipeline order: corpus indexing (headers), latent extraction (samples).
+BAD_FILE_STAGES = ("index", "extract")
+#: File name of the bad-file record in an artifact directory (corpus index, latent store).
+BAD_FILES_NAME = "bad_files.json"
 
 #: Peak absolute amplitude below which a file counts as silent.
 SILENCE_PEAK = 1e-6
@@ -32,15 +49,85 @@ class BadAudioError(Exception):
     Attributes:
         path: the file, as given.
         reason: what is wrong with it, in words.
+        stage: the stage that met it (one of :data:`BAD_FILE_STAGES`), or ``""`` when not known.
     """
 
-    def __init__(self, path: str | Path, reason: str) -> None:
-        super().__init__(str(path), reason)  # both in args, so the error survives pickling
+    def __init__(self, path: str | Path, reason: str, stage: str = "") -> None:
+        super().__init__(str(path), reason, stage)  # all in args, so the error survives pickling
         self.path = str(path)
         self.reason = reason
+        self.stage = stage
 
     def __str__(self) -> str:
-        return f"bad audio file {self.path}: {self.reason}"
+        where = f" (found by {_STAGE_WORDS[self.stage]})" if self.stage else ""
+        return f"bad audio file {self.path}: {self.reason}{where}"
+
+
+_STAGE_WORDS = {"index": "corpus indexing", "extract": "latent extraction"}
+
+
+@dataclass(frozen=True)
+class BadFile:
+    """An audio file a stage left out under ``data.on_bad_audio=skip``, and why.
+
+    Attributes:
+        path: the file.
+        stage: which stage met it: ``index`` (its header is unreadable or empty) or ``extract`` (its
+            samples are unusable, or too few for one latent frame).
+        reason: what is wrong with it, in words.
+        utt_id: its utterance id (the file stem for an indexing skip).
+    """
+
+    path: str
+    stage: str
+    reason: str
+    utt_id: str = ""
+
+    def __post_init__(self) -> None:
+        if self.stage not in BAD_FILE_STAGES:
+            raise ValueError(f"bad-file stage must be one of {BAD_FILE_STAGES}, got {self.stage!r}")
+
+    def to_dict(self) -> dict[str, str]:
+        """``{path, stage, reason, utt_id}``, as stored in :data:`BAD_FILES_NAME` and run records."""
+        return asdict(self)
+
+
+def check_bad_audio_policy(policy: str) -> str:
+    """Return ``policy`` if it is one of :data:`BAD_AUDIO_POLICIES`, else raise a ValueError naming the option."""
+    if policy not in BAD_AUDIO_POLICIES:
+        raise ValueError(f"data.on_bad_audio must be one of {BAD_AUDIO_POLICIES}, got {policy!r}")
+    return policy
+
+
+def report_bad_file(bad: BadFile, policy: str) -> None:
+    """Apply ``data.on_bad_audio`` to one bad file: raise it (``error``) or log a warning naming it (``skip``;
+    the caller then keeps ``bad`` in its artifact's record)."""
+    if check_bad_audio_policy(policy) == "error":
+        raise BadAudioError(bad.path, bad.reason, bad.stage)
+    log.warning("skipping bad audio file %s (%s) [%s]", bad.path, bad.reason, bad.stage)
+
+
+def write_bad_files(bad_files: Iterable[BadFile], path: Path) -> None:
+    """Write a bad-file record: a JSON list of :meth:`BadFile.to_dict`, possibly empty, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps([b.to_dict() for b in bad_files], indent=2) + "\n")
+    tmp.replace(path)
+
+
+def read_bad_files(path: Path) -> list[BadFile]:
+    """Read a record written by :func:`write_bad_files`.
+
+    Raises:
+        FileNotFoundError: there is no record, i.e. the artifact predates bad-file records (rebuild it with
+            ``force=true``); an absent record is never taken to mean "no bad files".
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: this artifact has no record of the audio files it skipped"
+        )
+    return [BadFile(**row) for row in json.loads(path.read_text())]
 
 
 def resample(wave: torch.Tensor, orig_sr: int, target_sr: int) -> torch.Tensor:

@@ -2,6 +2,12 @@
 
 An index is a JSON-lines file, one utterance per line (audiocraft-style manifest), so it can be
 read, grepped and diffed without the package.
+
+A corpus (synthetic, LibriSpeech) has ``materialize(workdir) -> list[Utterance]``, where ``workdir`` is
+its artifact's directory. A corpus that reads audio files and can leave some out (LibriSpeech's
+indexing, under ``data.on_bad_audio=skip``) also writes their record there,
+``workdir/bad_files.json`` (:func:`latentdyn.data.audio.write_bad_files`); one that writes none skipped
+nothing.
 """
 
 from __future__ import annotations

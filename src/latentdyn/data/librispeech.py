@@ -22,6 +22,14 @@ from pathlib import Path
 import soundfile as sf
 from tqdm import tqdm
 
+from latentdyn.data.audio import (
+    BAD_FILES_NAME,
+    BadAudioError,
+    BadFile,
+    check_bad_audio_policy,
+    report_bad_file,
+    write_bad_files,
+)
 from latentdyn.data.corpus import Utterance
 from latentdyn.data.download import download_and_extract, extraction_marker, normalize_sha256
 
@@ -100,48 +108,63 @@ def _list_flacs(subset_dir: Path) -> list[tuple[str, str, Path]]:
     return found
 
 
-def _probe(path: Path) -> tuple[int, int] | None:
-    """``(frames, sample_rate)`` from the file header, or ``None`` (with a warning) if unreadable or empty."""
+def _probe(path: Path) -> tuple[int, int]:
+    """``(frames, sample_rate)`` from the file header.
+
+    Raises:
+        BadAudioError: (stage ``index``) the header is unreadable, or announces no frames or no rate.
+    """
     try:
         info = sf.info(str(path))
     except (RuntimeError, OSError, ValueError) as exc:  # soundfile.LibsndfileError is a RuntimeError
-        log.warning("skipping unreadable audio file %s: %s", path, exc)
-        return None
+        raise BadAudioError(path, f"unreadable ({exc})", "index") from exc
     if info.frames <= 0 or info.samplerate <= 0:
-        log.warning("skipping empty audio file %s (%d frames at %d Hz)", path, info.frames, info.samplerate)
-        return None
+        raise BadAudioError(path, f"empty ({info.frames} frames at {info.samplerate} Hz)", "index")
     return int(info.frames), int(info.samplerate)
 
 
 def index_librispeech(
-    root: Path, subsets: list[str], speakers: Mapping[str, SpeakerInfo], *, progress: bool = True
-) -> list[Utterance]:
+    root: Path,
+    subsets: list[str],
+    speakers: Mapping[str, SpeakerInfo],
+    *,
+    on_bad_audio: str = "skip",
+    progress: bool = True,
+) -> tuple[list[Utterance], list[BadFile]]:
     """Index ``root/LibriSpeech/<subset>/<speaker>/<chapter>/*.flac`` for each subset.
 
     Duration is ``frames / sample_rate`` from the FLAC header (seconds); gender comes from
-    ``speakers``; the subset is the directory the file is in. Unreadable or empty files are skipped
-    with a warning naming them; a speaker missing from ``speakers`` gets gender ``"U"`` (one warning
-    listing all such speakers).
+    ``speakers``; the subset is the directory the file is in. A file whose header is unreadable or
+    announces no samples is bad: ``on_bad_audio="skip"`` leaves it out with a warning naming it,
+    ``"error"`` raises at the first one. A speaker missing from ``speakers`` gets gender ``"U"`` (one
+    warning listing all such speakers).
 
     Returns:
-        Utterances with absolute paths, sorted by ``utt_id`` (the file stem).
+        Utterances with absolute paths, sorted by ``utt_id`` (the file stem), and the files left out
+        (stage ``index``) in listing order.
 
     Raises:
-        ValueError: two files share an utt_id, or nothing at all was indexed.
+        BadAudioError: the first bad file, under ``on_bad_audio="error"``.
+        ValueError: an unknown policy, two files share an utt_id, or nothing at all was indexed.
     """
+    check_bad_audio_policy(on_bad_audio)
     corpus_dir = Path(root).resolve() / CORPUS_DIR
     files = [(subset, *entry) for subset in subsets for entry in _list_flacs(corpus_dir / subset)]
     utterances: list[Utterance] = []
+    skipped: list[BadFile] = []
     unknown: set[str] = set()
     subset_mismatch: dict[str, tuple[str, str]] = {}
     per_subset: dict[str, int] = defaultdict(int)
     for subset, speaker, chapter, path in tqdm(
         files, desc="index LibriSpeech", unit="file", disable=None if progress else True
     ):
-        probed = _probe(path)
-        if probed is None:
+        try:
+            frames, sample_rate = _probe(path)
+        except BadAudioError as err:
+            bad = BadFile(path=str(path), stage="index", reason=err.reason, utt_id=path.stem)
+            report_bad_file(bad, on_bad_audio)
+            skipped.append(bad)
             continue
-        frames, sample_rate = probed
         info = speakers.get(speaker)
         if info is None:
             unknown.add(speaker)
@@ -183,7 +206,7 @@ def index_librispeech(
     for prev, cur in zip(utterances, utterances[1:], strict=False):
         if prev.utt_id == cur.utt_id:
             raise ValueError(f"duplicate utterance id {cur.utt_id}: {prev.path} and {cur.path}")
-    return utterances
+    return utterances, skipped
 
 
 @dataclass
@@ -197,6 +220,8 @@ class LibriSpeechCorpus:
         url_base: where ``<subset>.tar.gz`` lives (an OpenSLR mirror).
         checksums: sha256 per archive name (``"<subset>.tar.gz"``), added to or overriding
             :data:`LIBRISPEECH_SUBSETS`; needed to download a non-standard subset.
+        on_bad_audio: a file whose header is unreadable or empty is left out and recorded (``skip``)
+            or stops the indexing (``error``); ``data.on_bad_audio`` sets it.
     """
 
     root: str
@@ -204,9 +229,11 @@ class LibriSpeechCorpus:
     download: bool = False
     url_base: str = DEFAULT_URL_BASE
     checksums: dict[str, str] | None = None
+    on_bad_audio: str = "skip"
 
     def __post_init__(self) -> None:
         self.root = str(self.root)
+        check_bad_audio_policy(self.on_bad_audio)
         subsets = [self.subsets] if isinstance(self.subsets, str) else [str(s) for s in self.subsets]
         if not subsets:
             raise ValueError("subsets is empty; name at least one LibriSpeech subset, e.g. dev-clean")
@@ -310,10 +337,18 @@ class LibriSpeechCorpus:
     def materialize(self, workdir: Path) -> list[Utterance]:
         """Make sure the subsets are present (downloading if asked), then index them.
 
-        ``workdir`` (the corpus artifact's directory) receives nothing: the audio stays under
-        ``root`` and the returned utterances point there with absolute paths, sorted by ``utt_id``.
+        The audio stays under ``root`` and the returned utterances point there with absolute paths,
+        sorted by ``utt_id``. ``workdir`` (the corpus artifact's directory) receives only the record of
+        the files indexing left out, ``workdir/bad_files.json`` (see :func:`write_bad_files`).
+
+        Raises:
+            BadAudioError: the first bad file, when ``on_bad_audio`` is ``error``.
         """
-        del workdir
         self.ensure_present()
         speakers = read_speakers_txt(self.corpus_dir / SPEAKERS_FILE)
-        return index_librispeech(self.corpus_dir.parent, self.subsets, speakers)
+        utterances, skipped = index_librispeech(
+            self.corpus_dir.parent, self.subsets, speakers, on_bad_audio=self.on_bad_audio
+        )
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        write_bad_files(skipped, Path(workdir) / BAD_FILES_NAME)
+        return utterances

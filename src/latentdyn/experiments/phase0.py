@@ -1,4 +1,8 @@
-"""Phase 0: corpus -> speaker-disjoint splits -> latent store (each a cached artifact), and a summary of sizes."""
+"""Phase 0: corpus -> speaker-disjoint splits -> latent store (each a cached artifact), and a summary of sizes.
+
+``summary.json`` lists every audio file the data left out (``bad_files``: path, stage, reason; the count is
+``bad_files_skipped``), whether this run built the artifacts or reused them.
+"""
 
 from __future__ import annotations
 
@@ -33,9 +37,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # end the run at once instead of after a LibriSpeech download.
     store = prepare_latent_store(cfg)
     splits = prepare_splits(cfg)
-    skipped = bad_files(store)
+    skipped = bad_files(store)  # prepare_latent_store has warned with their count
     for bad in skipped:
-        log.warning("bad audio file skipped: %s (%s)", bad["path"], bad["reason"])
+        log.info("bad audio file skipped at %s: %s (%s)", bad.stage, bad.path, bad.reason)
     metrics: dict[str, float] = dict(store.summary())
     metrics["hours_audio"] = round(sum(total_hours(u) for u in splits.values()), 6)
     metrics["bad_files_skipped"] = float(len(skipped))
@@ -46,7 +50,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         {
             "metrics": metrics,
             "latent_store": str(store.root),
-            "bad_files": skipped,
+            "bad_files": [b.to_dict() for b in skipped],
             "meta": store.meta,
         },
     )

@@ -2,12 +2,18 @@
 
 Every experiment that trains on latents calls :func:`prepare_latent_store`; it builds what is missing
 and reuses what exists (``force=true`` rebuilds).
+
+Audio files a stage could not use (``data.on_bad_audio=skip``) are recorded in the artifact of that stage
+(``bad_files.json`` of the corpus index and of the latent store; the store's lists the corpus's too), so a
+run that reuses the artifacts reports them exactly as the run that built them: in its run record
+(``run_info.json`` ``data.bad_files``) and in one warning.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +21,7 @@ from hydra.utils import call, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from latentdyn import artifacts
+from latentdyn.data.audio import BAD_FILES_NAME, BadAudioError, BadFile, read_bad_files, write_bad_files
 from latentdyn.data.corpus import Utterance, read_index, write_index
 from latentdyn.data.latent_store import LatentStore, LatentStoreWriter
 from latentdyn.data.splits import SPLITS
@@ -23,9 +30,10 @@ from latentdyn.tracking.run import record_data, record_weights
 log = logging.getLogger(__name__)
 
 # Bump when the on-disk layout or content of an artifact changes, so stale caches are not reused.
-CORPUS_VERSION = 1
+# Corpus 2 and store 2: bad_files.json records every skipped file with its stage.
+CORPUS_VERSION = 2
 SPLITS_VERSION = 1
-STORE_VERSION = 1
+STORE_VERSION = 2
 INDEX_NAME = "index.jsonl"
 
 
@@ -52,17 +60,28 @@ def store_spec(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def prepare_corpus(cfg: DictConfig) -> list[Utterance]:
-    """The corpus's utterance index (materialising the corpus into the cache if it is generated)."""
+def _corpus_artifact(cfg: DictConfig) -> Path:
+    """The corpus artifact's directory: ``index.jsonl`` and ``bad_files.json`` (the files indexing left out)."""
     corpus = instantiate(cfg.data.corpus)
 
     def build(tmp: Path) -> None:
         write_index(corpus.materialize(tmp), tmp / INDEX_NAME, relative_to=tmp)
+        if not (tmp / BAD_FILES_NAME).exists():  # a corpus that reads no audio (generated) skips nothing
+            write_bad_files([], tmp / BAD_FILES_NAME)
 
-    path = artifacts.get_or_build(
+    return artifacts.get_or_build(
         Path(cfg.paths.cache_dir), "corpus", corpus_spec(cfg), build, force=cfg.force
     )
-    return read_index(path / INDEX_NAME)
+
+
+def prepare_corpus(cfg: DictConfig) -> list[Utterance]:
+    """The corpus's utterance index (materialising the corpus into the cache if it is generated)."""
+    return read_index(_corpus_artifact(cfg) / INDEX_NAME)
+
+
+def corpus_bad_files(cfg: DictConfig) -> list[BadFile]:
+    """The audio files the corpus's indexing left out (stage ``index``), from its artifact's record."""
+    return read_bad_files(_corpus_artifact(cfg) / BAD_FILES_NAME)
 
 
 def prepare_splits(cfg: DictConfig) -> dict[str, list[Utterance]]:
@@ -97,6 +116,10 @@ def prepare_latent_store(cfg: DictConfig) -> LatentStore:
     def build(tmp: Path) -> None:
         rep = instantiate(cfg.representation)
         splits = prepare_splits(cfg)
+        indexing_skipped = corpus_bad_files(cfg)
+        if indexing_skipped and cfg.data.on_bad_audio == "error":  # a corpus indexed under another policy
+            first = indexing_skipped[0]
+            raise BadAudioError(first.path, first.reason, first.stage)
         meta = {
             "representation": rep.name,
             "sample_rate": rep.sample_rate,
@@ -120,15 +143,27 @@ def prepare_latent_store(cfg: DictConfig) -> LatentStore:
                 shard_seconds=cfg.extract.shard_seconds,
                 resume=not cfg.force,
             )
-        (tmp / "bad_files.json").write_text(json.dumps([b.__dict__ for b in bad], indent=2))
+        write_bad_files([*indexing_skipped, *bad], tmp / BAD_FILES_NAME)
 
     path = artifacts.get_or_build(
         Path(cfg.paths.cache_dir), "latents", store_spec(cfg), build, force=cfg.force
     )
     store = LatentStore(path)
+    skipped = bad_files(store)
     record_weights(store.meta["representation"], store.meta["weights"])
-    record_data(data_provenance(cfg))
+    record_data({**data_provenance(cfg), **bad_file_provenance(skipped)})
+    if skipped:
+        log.warning(
+            "%s left out of this data (%s); the list is in %s and in this run's run_info.json (data.bad_files)",
+            _count_files(len(skipped)),
+            ", ".join(f"{n} at {stage}" for stage, n in Counter(b.stage for b in skipped).items()),
+            Path(store.root) / BAD_FILES_NAME,
+        )
     return store
+
+
+def _count_files(n: int) -> str:
+    return f"{n} bad audio file{'' if n == 1 else 's'}"
 
 
 def data_provenance(cfg: DictConfig) -> dict[str, Any]:
@@ -141,7 +176,13 @@ def data_provenance(cfg: DictConfig) -> dict[str, Any]:
     return {"corpus": corpus, "subsets": subsets, "split": split, "label": label}
 
 
-def bad_files(store: LatentStore) -> list[dict[str, str]]:
-    """Audio files skipped while the store was built (path, utt_id, reason)."""
-    path = Path(store.root) / "bad_files.json"
-    return json.loads(path.read_text()) if path.exists() else []
+def bad_file_provenance(skipped: Sequence[BadFile]) -> dict[str, Any]:
+    """The run record's account of the audio files its data left out: ``n_bad_files`` and ``bad_files``
+    (``{path, stage, reason, utt_id}`` each)."""
+    return {"n_bad_files": len(skipped), "bad_files": [b.to_dict() for b in skipped]}
+
+
+def bad_files(store: LatentStore) -> list[BadFile]:
+    """Every audio file left out of a store built by :func:`prepare_latent_store`: those its corpus's indexing
+    skipped (stage ``index``), then those extraction skipped (stage ``extract``, in store order)."""
+    return read_bad_files(Path(store.root) / BAD_FILES_NAME)

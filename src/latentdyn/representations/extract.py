@@ -46,7 +46,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import latentdyn
-from latentdyn.data.audio import BadAudioError, load_audio
+from latentdyn.data.audio import (
+    BAD_AUDIO_POLICIES,
+    BadAudioError,
+    BadFile,
+    check_bad_audio_policy,
+    load_audio,
+    report_bad_file,
+)
 from latentdyn.data.corpus import Utterance
 from latentdyn.data.latent_store import LatentStoreWriter
 from latentdyn.jsonio import write_json_atomic
@@ -72,7 +79,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BAD_AUDIO_POLICIES = ("skip", "error")
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Bump when the shard layout or content changes: older shards are then discarded, never reused.
 SHARD_FORMAT_VERSION = 1
@@ -88,15 +94,6 @@ _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _OPEN_SHARDS = 16
 
 Item = tuple[str, Utterance]
-
-
-@dataclass(frozen=True)
-class BadFile:
-    """An audio file that could not be used, and why."""
-
-    path: str
-    utt_id: str
-    reason: str
 
 
 def resolve_device(device: torch.device | str) -> torch.device:
@@ -560,8 +557,7 @@ def _merge_shards(
 def _validate(
     items: Sequence[Item], batch_seconds: float, shard_seconds: float, on_bad_audio: str, precision: str
 ) -> None:
-    if on_bad_audio not in BAD_AUDIO_POLICIES:
-        raise ValueError(f"data.on_bad_audio must be one of {BAD_AUDIO_POLICIES}, got {on_bad_audio!r}")
+    check_bad_audio_policy(on_bad_audio)
     if not batch_seconds > 0:
         raise ValueError(f"extract.batch_seconds must be positive, got {batch_seconds}")
     if not shard_seconds > 0:
@@ -692,9 +688,7 @@ class _ShardEncoder:
                 rows.append(row)
         for pos in sorted(bad):
             split, utt = batch[pos]
-            if self.on_bad_audio == "error":
-                raise BadAudioError(utt.path, bad[pos])
-            log.warning("skipping bad audio file %s (%s)", utt.path, bad[pos])
+            report_bad_file(BadFile(str(utt.path), "extract", bad[pos], utt.utt_id), self.on_bad_audio)
             self.buf.bad.append(
                 {"path": str(utt.path), "utt_id": utt.utt_id, "reason": bad[pos], "split": split}
             )
@@ -780,7 +774,7 @@ def extract_to_store(
             when this returns), so a caller's ``with`` block exits without writing anything more.
         batch_seconds: padded audio seconds per encoder batch (see :func:`length_buckets`).
         on_bad_audio: ``skip`` (log, return and leave out) or ``error`` (raise) for an unusable file,
-            including one too short for a single latent frame.
+            including one too short for a single latent frame (see :func:`report_bad_file`).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
         precision: ``fp32``; on CUDA also ``bf16`` or ``fp16`` autocast (the store stays float16 either way).
         num_workers: audio loader processes; None picks :func:`default_num_workers`; 0 loads in-process.
@@ -792,7 +786,7 @@ def extract_to_store(
         progress: show progress bars (audio seconds, real-time factor).
 
     Returns:
-        the skipped files, in store order (split name, then utterance id).
+        the skipped files (stage ``extract``), in store order (split name, then utterance id).
 
     Raises:
         BadAudioError: for the first bad file when ``on_bad_audio == "error"``, or when every file is bad.
@@ -929,10 +923,12 @@ def _extract_locked(
     if missing:
         raise RuntimeError(f"shards {missing} in {shard_dir} are missing after extraction")
     bad_records = sorted((b for sc in sidecars for b in sc["bad"]), key=lambda b: (b["split"], b["utt_id"]))
-    bad = [BadFile(path=b["path"], utt_id=b["utt_id"], reason=b["reason"]) for b in bad_records]
+    bad = [BadFile(b["path"], "extract", b["reason"], b["utt_id"]) for b in bad_records]
     if items and len(bad) == len(items):
         raise BadAudioError(
-            bad[0].path, f"every one of the {len(items)} audio files is bad; first: {bad[0].reason}"
+            bad[0].path,
+            f"every one of the {len(items)} audio files is bad; first: {bad[0].reason}",
+            "extract",
         )
     _merge_shards(shard_dir, sidecars, writer, progress)
     writer.close()

@@ -203,7 +203,8 @@ class TrackedRun:
             "host": self._info.get("host"),
             "pid": os.getpid(),
             "weights": self.weights,
-            "data": self.data,
+            # The list of skipped audio files stays in run_info.json; the manifest keeps its count.
+            "data": {k: v for k, v in self.data.items() if k != "bad_files"},
             "git_commit": self._info.get("git_commit"),
         }
 
