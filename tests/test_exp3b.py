@@ -19,7 +19,6 @@ from latentdyn.data.latent_store import LatentStore, LatentStoreWriter
 from latentdyn.diagnostics.audio_io import (
     choose_utterances,
     crop_frames,
-    destandardize,
     objective_distances,
     raw_from_edit,
     write_listening_wav,
@@ -28,7 +27,6 @@ from latentdyn.diagnostics.audio_io import (
 from latentdyn.diagnostics.audio_metrics import log_mel_distance
 from latentdyn.experiments import exp3b_synthetic_audio as exp3b
 from latentdyn.experiments.exp3b_synthetic_audio import edited_raw_latents, slow, stationary, wrong_direction
-from latentdyn.pipeline.common import standardize
 
 
 def _trajectory(t: int = 40, d: int = 16, seed: int = 0) -> torch.Tensor:
@@ -106,10 +104,10 @@ def _tiny_store(root: Path) -> LatentStore:
 def test_raw_from_edit_is_exact_where_nothing_changes(tmp_path: Path) -> None:
     store = _tiny_store(tmp_path / "store")
     raw = torch.from_numpy(np.array(store.utterance_latents(2), dtype=np.float32))
-    z = standardize(store, raw)
+    z = store.standardize(raw)
     assert torch.equal(raw_from_edit(store, raw, z, z), raw)
     edited = slow(z, 0.5)
-    torch.testing.assert_close(raw_from_edit(store, raw, z, edited), destandardize(store, edited))
+    torch.testing.assert_close(raw_from_edit(store, raw, z, edited), store.destandardize(edited))
     # The edit happens in standardised units: a unit standardised step is one train std in raw units.
     step = torch.zeros_like(z)
     step[:, 1] = 1.0

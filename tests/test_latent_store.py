@@ -278,3 +278,22 @@ def test_store_meta_from_a_representation() -> None:
         "extra": {"hash": "h"},
     }
     assert StoreUtterance("a", "s", "train", 0, 3).gender == "U"
+
+
+def test_standardize_uses_the_train_split_statistics(tmp_path: Path) -> None:
+    """The one place latents are standardised: (x - mean_train) / std_train, and its exact inverse."""
+    rng = np.random.default_rng(3)
+    dim = 6
+    utts = _random_corpus(rng, dim, 12)
+    _write(tmp_path / "store", utts, dim)
+    store = LatentStore(tmp_path / "store")
+    train = np.concatenate([u["z16"].astype(np.float64) for u in utts if u["split"] == "train"])
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    x = rng.normal(size=(3, 5, dim)).astype(np.float32)
+    z = store.standardize(x)
+    assert z.dtype == torch.float32 and z.shape == x.shape
+    np.testing.assert_allclose(z.numpy(), (x - mean) / std, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(store.destandardize(z).numpy(), x, rtol=1e-5, atol=1e-5)
+    assert torch.equal(store.to_model_space(x, standardized=False), torch.from_numpy(x))
+    assert torch.equal(store.to_model_space(x, standardized=True), z)
+    torch.testing.assert_close(store.to_raw_space(z, standardized=True), torch.from_numpy(x))

@@ -82,6 +82,12 @@ def _versions() -> dict[str, str]:
     return {"latentdyn": latentdyn.__version__, "torch": torch.__version__, "numpy": np.__version__}
 
 
+def _as_float32_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(torch.float32)
+    return torch.from_numpy(np.asarray(x, dtype=np.float32))
+
+
 def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
@@ -381,6 +387,25 @@ class LatentStore:
         """``(T,)`` float32 read-only memmap view of one utterance's per-frame log energy (dB)."""
         u = self._resolve(utt)
         return self.log_energy[u.start : u.start + u.n_frames]
+
+    def standardize(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``(…, D)`` raw latents -> float32 ``(x - mean) / std`` with the train split's statistics (the one
+        place latents are standardised; a tensor stays on its device)."""
+        x = _as_float32_tensor(x)
+        return (x - torch.from_numpy(self.mean).to(x.device)) / torch.from_numpy(self.std).to(x.device)
+
+    def destandardize(self, z: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`standardize`: ``(…, D)`` standardised latents -> raw float32 ``z * std + mean``."""
+        z = _as_float32_tensor(z)
+        return z * torch.from_numpy(self.std).to(z.device) + torch.from_numpy(self.mean).to(z.device)
+
+    def to_model_space(self, x: np.ndarray | torch.Tensor, standardized: bool) -> torch.Tensor:
+        """``(…, D)`` raw latents -> float32 in a model's space: raw (the reference) or standardised."""
+        return self.standardize(x) if standardized else _as_float32_tensor(x)
+
+    def to_raw_space(self, x: np.ndarray | torch.Tensor, standardized: bool) -> torch.Tensor:
+        """Inverse of :meth:`to_model_space`: ``(…, D)`` model-space frames -> raw float32 latents."""
+        return self.destandardize(x) if standardized else _as_float32_tensor(x)
 
     def split_rows(self, split: str) -> np.ndarray:
         """int64 row indices of all frames of ``split``, ascending."""

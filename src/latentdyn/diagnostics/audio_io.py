@@ -6,7 +6,7 @@ Conventions shared by the perceptual experiments (Exp 3B, Exp 7):
   with the representation the store was encoded with (:func:`representation_from_store`), which returns
   ``T * hop`` samples per trajectory at ``rep.sample_rate`` (``hop = sample_rate / frame_rate``).
 * Edits and rollouts happen in raw latent space (the reference study's) or in the store's
-  train-standardised space (an option); :func:`destandardize` and :func:`raw_from_edit` map standardised
+  train-standardised space (an option); :meth:`LatentStore.destandardize` and :func:`raw_from_edit` map standardised
   frames back to raw latents for decoding.
 * Utterances are cropped to their first ``max_frames`` frames (:func:`crop_frames`; the reference: 200).
 * Every listening file is written twice by :func:`write_listening_wav`: at the output rate (48 kHz, the
@@ -50,7 +50,6 @@ __all__ = [
     "choose_utterances",
     "crop_frames",
     "decode_latents",
-    "destandardize",
     "flat_metrics",
     "json_distances",
     "load_original",
@@ -131,19 +130,12 @@ def representation_from_store(store: LatentStore, device: torch.device | str = "
     return rep.to(device)
 
 
-def destandardize(store: LatentStore, z: torch.Tensor) -> torch.Tensor:
-    """``(…, D)`` latents in the store's standardised space -> raw latents (``z * std + mean``), float32."""
-    mean = torch.from_numpy(store.mean).to(z.device)
-    std = torch.from_numpy(store.std).to(z.device)
-    return z.to(torch.float32) * std + mean
-
-
 def raw_from_edit(
     store: LatentStore, raw: torch.Tensor, z: torch.Tensor, z_edit: torch.Tensor
 ) -> torch.Tensor:
     """Raw latents of a standardised edit ``z -> z_edit`` of the raw trajectory ``raw`` (all ``(…, D)``).
 
-    ``raw + (z_edit - z) * std``: equal to ``destandardize(z_edit)`` in exact arithmetic, but bit-exact
+    ``raw + (z_edit - z) * std``: equal to ``store.destandardize(z_edit)`` in exact arithmetic, but bit-exact
     ``raw`` wherever the edit leaves a frame unchanged. That matters: a standardise/destandardise round
     trip moves latents by ~1e-6, and some decoders (Griffin–Lim's phase iteration) turn that into an
     audible and measurable difference (MR-STFT ~0.5 on log-mel latents), which would be charged to the edit.

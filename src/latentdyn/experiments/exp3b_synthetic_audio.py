@@ -54,7 +54,6 @@ from latentdyn.diagnostics.audio_io import (
     write_listening_wav,
 )
 from latentdyn.pipeline.audio import corpus_audio_paths, utterance_latents
-from latentdyn.pipeline.common import standardize
 from latentdyn.pipeline.store import prepare_latent_store
 from latentdyn.representations.base import Representation
 
@@ -140,7 +139,7 @@ def edited_raw_latents(
     if edit_space == "raw":
         return [(e, e.latents) for e in synthetic_edits(raw, alphas, generator)]
     if edit_space == "standardized":
-        z = standardize(store, raw)
+        z = store.standardize(raw)
         return [(e, raw_from_edit(store, raw, z, e.latents)) for e in synthetic_edits(z, alphas, generator)]
     raise ValueError(f"edit_space must be one of {EDIT_SPACES}, got {edit_space!r}")
 

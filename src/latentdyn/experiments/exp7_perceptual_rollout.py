@@ -11,7 +11,7 @@ The reference protocol (``tier2_exp7_perceptual_rollout.py``): for ``n_utterance
    ``predict`` (:func:`~latentdyn.models.protocol.point_prediction`: ``median``, the reference's
    ``rollout_mean``; ``mean``; ``sample``, a draw at ``temperature`` seeded by ``seed``);
 2. the model works in its own space (raw latents, or the store's train-standardised ones when the checkpoint
-   was trained with ``standardize=true``: :func:`~latentdyn.pipeline.common.to_model_space`); the rolled-out
+   was trained with ``standardize=true``: :meth:`~latentdyn.data.latent_store.LatentStore.to_model_space`); the rolled-out
    frames are mapped back to raw latents and replace GT frames ``[s, s+L)``: the GT prefix and the GT suffix,
    which resumes right after the span with no smoothing, stay bit-exact raw latents (``L = 0`` is the GT);
 3. the WHOLE spliced trajectory (frames ``0 .. T``) and the GT are decoded with the store's representation;
@@ -57,7 +57,6 @@ from latentdyn.diagnostics.audio_io import (
 )
 from latentdyn.models.protocol import PREDICT, DeltaModel, point_prediction
 from latentdyn.pipeline.audio import corpus_audio_paths, utterance_latents
-from latentdyn.pipeline.common import to_model_space, to_raw_space
 from latentdyn.pipeline.injection import dynamics_checkpoint
 from latentdyn.pipeline.store import prepare_latent_store
 from latentdyn.representations.base import Representation
@@ -139,12 +138,12 @@ def raw_rollout(
     """:func:`rollout` of raw GT context ``(N, W, D)`` -> raw frames ``(N, steps, D)`` float32 (CPU).
 
     The context goes to the model's space (``standardized``: the store's train mean/std, else raw latents,
-    :func:`~latentdyn.pipeline.common.to_model_space`) on ``device`` (the model's), and the frames come back
-    with :func:`~latentdyn.pipeline.common.to_raw_space`.
+    :meth:`~latentdyn.data.latent_store.LatentStore.to_model_space`) on ``device`` (the model's), and the frames come back
+    with :meth:`~latentdyn.data.latent_store.LatentStore.to_raw_space`.
     """
-    context = to_model_space(store, raw_context.cpu(), standardized).to(device)
+    context = store.to_model_space(raw_context.cpu(), standardized).to(device)
     frames = rollout(model, context, steps, predict=predict, temperature=temperature, generator=generator)
-    return to_raw_space(store, frames.cpu(), standardized)
+    return store.to_raw_space(frames.cpu(), standardized)
 
 
 def splice(trajectory: torch.Tensor, inserted: torch.Tensor, start: int) -> torch.Tensor:

@@ -14,31 +14,11 @@ from latentdyn.data.latent_store import LatentStore
 from latentdyn.jsonio import write_csv_atomic
 
 
-def standardize(store: LatentStore, x: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """``(…, D)`` raw latents -> float32 tensor in the store's train-standardised space."""
-    x = torch.as_tensor(np.asarray(x, dtype=np.float32))
-    return (x - torch.from_numpy(store.mean)) / torch.from_numpy(store.std)
-
-
-def to_model_space(store: LatentStore, x: np.ndarray | torch.Tensor, standardized: bool) -> torch.Tensor:
-    """``(…, D)`` raw latents -> float32 tensor in a model's space: raw (the reference), or standardised with
-    the store's train statistics when the model was trained with ``standardize=true``."""
-    return standardize(store, x) if standardized else torch.as_tensor(np.asarray(x, dtype=np.float32))
-
-
-def to_raw_space(store: LatentStore, x: torch.Tensor, standardized: bool) -> torch.Tensor:
-    """Inverse of :func:`to_model_space`: ``(…, D)`` model-space frames -> raw float32 latents."""
-    x = x.to(torch.float32)
-    if not standardized:
-        return x
-    return x * torch.from_numpy(store.std).to(x) + torch.from_numpy(store.mean).to(x)
-
-
 def bank_from_store(
     store: LatentStore, split: str, size: int, seed: int, standardized: bool = True
 ) -> torch.Tensor:
     """``(min(size, N_split), D)`` frames drawn uniformly without replacement from ``split``, standardised or
-    raw (``standardized``, see :func:`to_model_space`).
+    raw (``standardized``, see :meth:`LatentStore.to_model_space`).
 
     Gathers only the chosen rows from the memory map, so it is cheap whatever the store's size.
     """
@@ -47,7 +27,7 @@ def bank_from_store(
         raise ValueError(f"split {split!r} of {store.root} has no frames for the manifold bank")
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(rows, size=min(size, rows.size), replace=False))
-    return to_model_space(store, store.latents[chosen], standardized)
+    return store.to_model_space(store.latents[chosen], standardized)
 
 
 def plain(node: Any) -> Any:

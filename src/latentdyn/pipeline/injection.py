@@ -32,7 +32,7 @@ from latentdyn.diagnostics.injection import (
     utterance_order,
 )
 from latentdyn.models.baselines import Baseline
-from latentdyn.pipeline.common import bank_from_store, to_model_space
+from latentdyn.pipeline.common import bank_from_store
 from latentdyn.pipeline.store import prepare_latent_store
 from latentdyn.tracking.lookup import resolve_checkpoint
 
@@ -98,7 +98,7 @@ def injection_inputs(model: Any, store: LatentStore, diag_cfg: DictConfig) -> In
     geometry = rollout_geometry(model)
     trajectories = [(u.utt_id, store.utterance_latents(u)) for u in store.utterances(inj.split)]
     starts = sample_starts(trajectories, geometry, inj)
-    segments = to_model_space(store, starts.segments, model.standardized)
+    segments = store.to_model_space(starts.segments, model.standardized)
     bank = None
     if inj.bank_size > 0:
         bank = bank_from_store(store, TRAIN_SPLIT, inj.bank_size, inj.seed, model.standardized)
@@ -152,7 +152,7 @@ def rollout_gap(model: Any, store: LatentStore, diag_cfg: DictConfig, n_utteranc
             inject_after_periodic=[],
             inject_after_one_shot=[],
         )
-        segment = to_model_space(store, np.asarray(x, dtype=np.float32)[None], model.standardized)
+        segment = store.to_model_space(np.asarray(x, dtype=np.float32)[None], model.standardized)
         with torch.no_grad():
             result = run_injection(model, segment, cfg, baseline)
         for m, mode in enumerate(result.modes):
