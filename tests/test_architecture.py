@@ -36,3 +36,54 @@ def test_lower_layers_never_import_experiments_or_pipeline() -> None:
             upward = {"latentdyn.experiments"} | ({"latentdyn.pipeline"} if layer != "pipeline" else set())
             bad = sorted(m for m in _imported_modules(path) if m.startswith(tuple(upward)))
             assert not bad, f"{layer}/{path.name} imports {bad}"
+
+
+# Modules that write only inside an artifact's temporary build directory (made visible whole by the
+# artifact's rename, latentdyn.artifacts) or into a `.tmp` name they rename themselves.
+WRITES_INSIDE_AN_ARTIFACT_BUILD = {
+    "artifacts.py",
+    "data/audio.py",
+    "data/corpus.py",
+    "data/download.py",
+    "data/latent_store.py",
+    "data/synthetic.py",
+    "representations/extract.py",
+    "representations/pca.py",
+}
+
+
+def _direct_writes(path: Path) -> list[str]:
+    """Calls that write a file directly: ``.write_text/.write_bytes``, ``open(..., "w")``, ``savefig``,
+    ``soundfile.write``, ``np.save`` (with their line numbers); rendering into an in-memory ``buf`` first
+    is how the atomic writers are fed."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        owner = getattr(func.value, "id", "") if isinstance(func, ast.Attribute) else ""
+        modes = [a.value for a in node.args[1:2] if isinstance(a, ast.Constant)]
+        modes += [
+            k.value.value for k in node.keywords if k.arg == "mode" and isinstance(k.value, ast.Constant)
+        ]
+        into_memory = bool(node.args) and isinstance(node.args[0], ast.Name) and node.args[0].id == "buf"
+        writes = name in ("write_text", "write_bytes") or (name == "savefig" and not into_memory)
+        writes |= name in ("save", "savez") and owner == "np"
+        writes |= name == "write" and owner in ("sf", "soundfile") and not into_memory
+        writes |= name == "open" and any(isinstance(m, str) and ("w" in m or "a" in m) for m in modes)
+        if writes:
+            found.append(f"{name} at line {node.lineno}")
+    return found
+
+
+def test_run_outputs_are_written_through_the_atomic_helpers() -> None:
+    """Every file a run writes goes through latentdyn.jsonio's atomic writers (a reader never sees half)."""
+    offenders = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel in WRITES_INSIDE_AN_ARTIFACT_BUILD or rel == "jsonio.py":
+            continue
+        if writes := _direct_writes(path):
+            offenders[rel] = writes
+    assert offenders == {}
