@@ -127,6 +127,7 @@ def test_step_targets_follow_their_context_without_a_lag_slip() -> None:
     assert out.rollout[0].item() != pytest.approx(slipped, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_one_step_loss_with_gt_fed_is_1_1_times_the_exp1_loss(exp1_run) -> None:
     root, ckpt = exp1_run
     model = load_dynamics(ckpt)
@@ -145,6 +146,7 @@ def test_one_step_loss_with_gt_fed_is_1_1_times_the_exp1_loss(exp1_run) -> None:
             assert out.loss(module.teacher_weight).item() == pytest.approx(1.1 * one_step.item(), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_teacher_forced_steps_are_exp1_windows(exp1_run) -> None:
     _, ckpt = exp1_run
     model = load_dynamics(ckpt)
@@ -165,6 +167,7 @@ def test_teacher_forced_steps_are_exp1_windows(exp1_run) -> None:
     assert out.gt_fraction == 1.0
 
 
+@pytest.mark.slow
 def test_free_running_unroll_matches_the_injection_rollout(exp1_run) -> None:
     """At p_teacher = 0 the unroll is the injection diagnostic's D_rollout on the same segments."""
     _, ckpt = exp1_run
@@ -231,6 +234,7 @@ def test_clip_l2_bounds_the_fed_back_delta() -> None:
     assert clip_l2(delta, None) is delta
 
 
+@pytest.mark.slow
 def test_a_finetuning_step_changes_the_parameters(exp1_run) -> None:
     root, ckpt = exp1_run
     source = load_dynamics(ckpt)
@@ -253,6 +257,7 @@ def test_stride_models_need_context_stride_equal_to_horizon() -> None:
         RolloutFinetuneModule(8, 3, 2, BACKBONE, HEAD, OPTIMIZER, context_stride=1, horizon_mode="stride")
 
 
+@pytest.mark.slow
 def test_pipeline_writes_a_loadable_checkpoint_and_before_after_summaries(exp1_run, exp1b_run) -> None:
     _, source_ckpt = exp1_run
     cfg, metrics = exp1b_run
@@ -299,6 +304,75 @@ def test_pipeline_writes_a_loadable_checkpoint_and_before_after_summaries(exp1_r
             for name in exp1b_vmf_rollout.KEY_SUMMARIES:
                 assert metrics[f"{tag}/{mode}/{name}"] == pytest.approx(result.mode_summary(mode)[name])
     assert metrics["horizon_k"] == 1.0
+
+
+@pytest.mark.slow
+def test_a_killed_finetuning_resumes_and_ends_like_an_uninterrupted_one(
+    exp1_run, exp1b_run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after step 7 (periodic checkpoints every 5 steps), then ``resume=true``: steps 6-10 run and
+    the weights and logged metrics equal the uninterrupted run's; resumed again, nothing is trained."""
+    from lightning.pytorch.callbacks import Callback
+
+    import latentdyn.models.training as training
+
+    root, source_path = exp1_run
+    ref_cfg, _ = exp1b_run
+    steps: list[list[int]] = []
+    build = training.build_trainer
+
+    class Kill(Callback):
+        def __init__(self, at: int | None) -> None:
+            self.at = at
+
+        def on_train_batch_start(self, trainer, *args) -> None:
+            if trainer.global_step == self.at:
+                raise KeyError("killed")  # stands for the process being killed
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            steps[-1].append(trainer.global_step)
+
+    kill_at: list[int | None] = [7]
+
+    def build_trainer(cfg, logger, callbacks=(), **kwargs):
+        steps.append([])
+        return build(cfg, logger, [*callbacks, Kill(kill_at[0])], **kwargs)
+
+    monkeypatch.setattr(training, "build_trainer", build_trainer)
+    overrides = [
+        "experiment=exp1b_vmf_rollout",
+        *SMOKE,
+        f"rollout.k_steps={K_STEPS}",
+        f"rollout.teacher_prob.ramp_steps={RAMP}",
+        f"trainer.max_steps={MAX_STEPS}",
+        "rollout.warmup_steps=0",
+        "checkpointing.every_n_steps=5",
+        "logger=none",
+    ]
+    run_dir = root / "exp1b-killed"
+    source = load_dynamics(source_path)
+    cfg = compose_at(root, overrides, run_dir)
+    store = store_of_checkpoint(cfg, source.run_config)
+    last = run_dir / "checkpoints" / "vmf_rollout_last.ckpt"
+    with pytest.raises(KeyError, match="killed"):
+        exp1b_vmf_rollout.finetune(cfg, source, source_path, store)
+    assert torch.load(last, weights_only=True)["global_step"] == 5
+    kill_at[0] = None
+    cfg = compose_at(root, [*overrides, "resume=true"], run_dir)
+    tuned, final, fit = exp1b_vmf_rollout.finetune(cfg, source, source_path, store)
+    assert steps[-1] == list(range(6, MAX_STEPS + 1)) and not last.exists()
+    ref_fit = json.loads((Path(ref_cfg.run_dir) / "summary.json").read_text())["fit"]
+    assert fit == pytest.approx(ref_fit, rel=0, abs=1e-6)
+    ref = load_dynamics(Path(ref_cfg.run_dir) / "checkpoints" / final.name)
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(tuned.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+    fits = len(steps)
+    again, again_final, again_fit = exp1b_vmf_rollout.finetune(cfg, source, source_path, store)
+    assert len(steps) == fits and (again_final, again_fit) == (final, fit)  # done: not fine-tuned again
+    for key, value in tuned.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="resume with checkpoint="):
+        exp1b_vmf_rollout.check_same_source(final, run_dir / "another.ckpt")
 
 
 def test_checkpoint_latest_without_an_exp1_run_is_a_clear_error(tmp_path: Path) -> None:

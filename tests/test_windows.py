@@ -428,6 +428,30 @@ def test_index_batch_sampler_partitions_each_epoch() -> None:
         IndexBatchSampler(3, 0, shuffle=False)
 
 
+def test_index_batch_sampler_replays_an_epoch_from_its_generator_state() -> None:
+    generator = torch.Generator().manual_seed(0)
+    sampler = IndexBatchSampler(23, 5, shuffle=True, generator=generator)
+    first = list(sampler)
+    after_first = generator.get_state()
+    replay = IndexBatchSampler(23, 5, shuffle=True, generator=torch.Generator().manual_seed(99))
+    replay.resume(sampler.epoch_state, 2)
+    rest = list(replay)
+    assert len(rest) == 3
+    for got, want in zip(rest, first[2:], strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert torch.equal(replay.generator.get_state(), after_first)  # later epochs follow as before
+    np.testing.assert_array_equal(np.concatenate(list(replay)), np.concatenate(list(sampler)))
+    ordered = IndexBatchSampler(23, 5, shuffle=False)
+    ordered.resume(None, 4)
+    np.testing.assert_array_equal(np.concatenate(list(ordered)), np.arange(20, 23))
+    with pytest.raises(ValueError, match="start"):
+        ordered.resume(None, 6)
+    with pytest.raises(ValueError, match="generator"):
+        IndexBatchSampler(23, 5, shuffle=True).resume(after_first, 0)
+    with pytest.raises(ValueError, match="unshuffled"):
+        ordered.resume(after_first, 0)
+
+
 def test_importing_the_dataset_does_not_import_lightning(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fresh copy of the module executes with lightning unimportable; only the datamodule needs it."""
 
@@ -491,6 +515,61 @@ def test_train_loader_is_seeded_and_covers_each_window_once_per_epoch(store_data
     direct = ds.get_batch(np.searchsorted(ds.anchors, batch["anchor"].numpy()))
     for key, value in direct.items():
         assert torch.equal(batch[key], value), key
+
+
+def _take(loader, n: int) -> list[np.ndarray]:
+    """The anchors of the loader's next ``n`` batches, starting epochs as needed (an epoch in progress goes
+    on only after ``load_state_dict``; otherwise each ``iter`` starts a new one)."""
+    out: list[np.ndarray] = []
+    while len(out) < n:
+        for batch in loader:
+            out.append(batch["anchor"].numpy().copy())
+            if len(out) == n:
+                break
+    return out
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_train_loader_resumes_where_its_state_says(store_data, tmp_path: Path, num_workers: int) -> None:
+    """A loader restored from another's state (through a weights-only checkpoint file) hands out exactly the
+    batches the other would have handed out next: mid-epoch, at an epoch's end, twice in a row, with
+    workers reading ahead."""
+    store, _ = store_data
+    per_epoch = len(_datamodule(store.root, seed=3).train_dataloader())
+    total = 3 * per_epoch
+    reference = _take(_datamodule(store.root, seed=3).train_dataloader(), total)
+    stops = [0, 5, per_epoch, per_epoch + 3] if num_workers == 0 else [per_epoch + 3]
+    for stop in stops:
+        loader = _datamodule(store.root, seed=3, num_workers=num_workers).train_dataloader()
+        got = _take(loader, stop)
+        for hop in (4, total - stop - 4):  # resume, take a few, resume again from the resumed loader
+            path = tmp_path / "state.pt"
+            torch.save(loader.state_dict(), path)
+            loader = _datamodule(store.root, seed=11, num_workers=num_workers).train_dataloader()
+            loader.load_state_dict(torch.load(path, weights_only=True))
+            got += _take(loader, hop)
+        assert len(got) == total
+        for i, (a, b) in enumerate(zip(got, reference, strict=True)):
+            np.testing.assert_array_equal(a, b, err_msg=f"stop {stop}, batch {i}")
+
+
+def test_loader_state_before_iterating_and_between_epochs_starts_the_next_epoch(store_data) -> None:
+    store, _ = store_data
+    loader = _datamodule(store.root, seed=3).train_dataloader()
+    fresh = loader.state_dict()
+    assert fresh["batch"] == 0 and torch.equal(fresh["epoch_state"], loader.sampler.generator.get_state())
+    first_epoch = _epoch_anchors(loader)
+    between = loader.state_dict()
+    assert between["batch"] == 0
+    assert torch.equal(between["epoch_state"], loader.sampler.generator.get_state())
+    restored = _datamodule(store.root, seed=11).train_dataloader()
+    restored.load_state_dict(between)
+    assert restored.state_dict()["batch"] == 0  # pending until iterated
+    second = np.concatenate(_epoch_anchors(restored))
+    np.testing.assert_array_equal(second, np.concatenate(_epoch_anchors(loader)))
+    assert not np.array_equal(second, np.concatenate(first_epoch))
+    with pytest.raises(ValueError, match="not a ResumableBatchLoader state"):
+        restored.load_state_dict({"batch": 0})
 
 
 @pytest.mark.parametrize(

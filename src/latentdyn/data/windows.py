@@ -51,6 +51,7 @@ __all__ = [
     "SLICES",
     "TRAIN_SPLIT",
     "IndexBatchSampler",
+    "ResumableBatchLoader",
     "WindowBatches",
     "WindowDataset",
     "WindowSpec",
@@ -338,7 +339,9 @@ class IndexBatchSampler(Sampler[np.ndarray]):
 
     Equivalent to ``BatchSampler(RandomSampler(...) | SequentialSampler(...), batch_size, drop_last=False)``
     but yields numpy slices instead of lists of Python ints (no per-window Python work). Shuffling draws
-    ``torch.randperm(n, generator=generator)``, so a seeded generator makes the epoch sequence reproducible.
+    ``torch.randperm(n, generator=generator)``, so a seeded generator makes the epoch sequence reproducible;
+    :attr:`epoch_state` keeps the generator state the current epoch's permutation was drawn from, and
+    :meth:`resume` replays an interrupted epoch from there (see :class:`ResumableBatchLoader`).
     """
 
     def __init__(
@@ -352,17 +355,93 @@ class IndexBatchSampler(Sampler[np.ndarray]):
             bool(shuffle),
             generator,
         )
+        #: Generator state the latest permutation was drawn from (None: none drawn yet, or no generator).
+        self.epoch_state: torch.Tensor | None = None
+        self._resume: tuple[torch.Tensor | None, int] | None = None
 
     def __len__(self) -> int:
         return -(-self.n // self.batch_size)
 
+    def resume(self, epoch_state: torch.Tensor | None, start: int) -> None:
+        """Make the next epoch replay an interrupted one: its permutation drawn from generator state
+        ``epoch_state`` (None for an unshuffled sampler), its batches from number ``start`` (0-based) on.
+
+        The generator ends the epoch's draw in the state it had in the interrupted run, so later epochs
+        follow as they would have.
+        """
+        if not 0 <= int(start) <= len(self):
+            raise ValueError(f"start must be a batch number in [0, {len(self)}], got {start}")
+        if self.shuffle and (self.generator is None or epoch_state is None):
+            raise ValueError("resuming a shuffled epoch needs the sampler's generator and its epoch_state")
+        if not self.shuffle and epoch_state is not None:
+            raise ValueError("an unshuffled sampler has no permutation to restore: epoch_state must be None")
+        self._resume = (epoch_state, int(start))
+
     def __iter__(self) -> Iterator[np.ndarray]:
+        epoch_state, start = self._resume if self._resume is not None else (None, 0)
+        self._resume = None
         if self.shuffle:
+            if self.generator is not None:
+                if epoch_state is not None:
+                    self.generator.set_state(epoch_state)
+                self.epoch_state = self.generator.get_state()
             order = torch.randperm(self.n, generator=self.generator).numpy()
         else:
             order = np.arange(self.n, dtype=np.int64)
-        for lo in range(0, self.n, self.batch_size):
+        for lo in range(start * self.batch_size, self.n, self.batch_size):
             yield order[lo : lo + self.batch_size]
+
+
+class ResumableBatchLoader(DataLoader):
+    """``DataLoader`` of :class:`IndexBatchSampler` batches that a killed training resumes mid-epoch.
+
+    ``state_dict()`` says where the loader is: ``epoch_state``, the generator state the current epoch's
+    permutation was drawn from (None when unshuffled), and ``batch``, how many of that epoch's batches it has
+    handed out (between epochs: the generator's current state and 0). ``load_state_dict`` makes the next
+    epoch replay that permutation from that batch on, without reading the skipped windows. Lightning saves
+    and restores the state with its checkpoints; it takes a sized loader's batches one at a time, so at a
+    checkpoint "handed out" means "trained on". Counting happens here, after any worker processes, which
+    read ahead of the training loop.
+
+    Args:
+        dataset: indexed by a sampler batch, e.g. :class:`WindowBatches`.
+        sampler: the batches; a shuffled one needs a generator.
+        **kwargs: further ``DataLoader`` arguments (``num_workers``, ``generator`` ...), not batching ones.
+    """
+
+    def __init__(self, dataset: Dataset, sampler: IndexBatchSampler, **kwargs: Any) -> None:
+        if sampler.shuffle and sampler.generator is None:
+            raise ValueError("a resumable loader's shuffled sampler needs a generator")
+        super().__init__(dataset, batch_size=None, sampler=sampler, **kwargs)
+        self._position: int | None = None
+        self._pending: dict[str, Any] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        pending, self._pending = self._pending, None
+        self._position = 0 if pending is None else int(pending["batch"])
+        for batch in super().__iter__():
+            self._position += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"epoch_state": uint8 tensor | None, "batch": int}`` (see the class docstring)."""
+        if self._pending is not None:
+            return dict(self._pending)
+        sampler = self.sampler
+        assert isinstance(sampler, IndexBatchSampler)
+        if self._position is None or self._position >= len(self):
+            current = sampler.generator.get_state() if sampler.shuffle else None
+            return {"epoch_state": current, "batch": 0}
+        return {"epoch_state": sampler.epoch_state if sampler.shuffle else None, "batch": self._position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at ``state`` (a :meth:`state_dict`) when the loader is next iterated."""
+        if set(state) != {"epoch_state", "batch"}:
+            raise ValueError(f"not a ResumableBatchLoader state: keys {sorted(state)}")
+        sampler = self.sampler
+        assert isinstance(sampler, IndexBatchSampler)
+        sampler.resume(state["epoch_state"], int(state["batch"]))
+        self._pending = {"epoch_state": state["epoch_state"], "batch": int(state["batch"])}
 
 
 def iter_batches(windows: WindowDataset, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -391,7 +470,9 @@ def _build_datamodule_class() -> type:
         Training batches come in a seeded random order (a ``torch.Generator`` seeded with ``seed``; each
         epoch a new permutation, every window once per epoch, the last batch possibly smaller); val and
         test are in anchor order, val capped at ``max_val_windows`` by a seeded subset. The slice applies
-        to every split. Each loader step is one memmap gather of a whole batch.
+        to every split. Each loader step is one memmap gather of a whole batch. The loaders are
+        :class:`ResumableBatchLoader` objects: a checkpoint records the train loader's place in its
+        epoch, and a resumed fit continues that epoch with the batches it had not yet trained on.
 
         Single-process training only: a distributed sampler would replace the batch sampler.
         """
@@ -418,6 +499,7 @@ def _build_datamodule_class() -> type:
                 raise ValueError(f"unknown slice {slice_name!r}; expected one of {SLICES}")
             if batch_size < 1:
                 raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            store_root = str(store_root)  # hyperparameters go into checkpoints as plain data
             self.save_hyperparameters()
             self.store_root = Path(store_root)
             self.spec = WindowSpec(context, horizon, context_stride, horizon_mode)
@@ -466,24 +548,27 @@ def _build_datamodule_class() -> type:
                 if split in self._store().splits:
                     self.dataset(split)
 
-        def _loader(self, windows: WindowDataset, shuffle: bool) -> DataLoader:
-            generator = self._generator if shuffle else None
-            return DataLoader(
+        def _loader(self, windows: WindowDataset, shuffle: bool) -> ResumableBatchLoader:
+            # The loader's own generator seeds its workers: iterating never draws from the global RNG, so
+            # a resumed fit's extra iterations (sanity check) leave the training's random stream as it was.
+            return ResumableBatchLoader(
                 WindowBatches(windows),
-                batch_size=None,
-                sampler=IndexBatchSampler(len(windows), self.batch_size, shuffle, generator),
+                IndexBatchSampler(
+                    len(windows), self.batch_size, shuffle, self._generator if shuffle else None
+                ),
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
                 pin_memory=self.pin_memory,
+                generator=torch.Generator().manual_seed(self.seed),
             )
 
-        def train_dataloader(self) -> DataLoader:
+        def train_dataloader(self) -> ResumableBatchLoader:
             return self._loader(self.dataset("train"), shuffle=True)
 
-        def val_dataloader(self) -> DataLoader:
+        def val_dataloader(self) -> ResumableBatchLoader:
             return self._loader(self.dataset("val"), shuffle=False)
 
-        def test_dataloader(self) -> DataLoader:
+        def test_dataloader(self) -> ResumableBatchLoader:
             return self._loader(self.dataset("test"), shuffle=False)
 
     LatentWindowDataModule.__module__ = __name__

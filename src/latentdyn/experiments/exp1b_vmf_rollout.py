@@ -9,6 +9,8 @@ the run directory:
 
 * ``checkpoints/<name>_rollout_final.ckpt`` (``vmf_rollout_final.ckpt`` for a vMF model): a dynamics
   checkpoint (``load_dynamics``) whose embedded config has the source's data, representation and model;
+  while fine-tuning, ``<name>_rollout_last.ckpt`` holds the latest periodic checkpoint (``resume=true``
+  continues from it);
 * ``injection_diag.json``: the injection diagnostic of the fine-tuned model (``InjectionResult.to_dict``);
 * ``summary.json``: per-mode summaries of the original (``before``) and fine-tuned (``after``) models on
   the *same* start points and manifold bank, and ``delta = after - before``;
@@ -154,10 +156,86 @@ def key_metrics(before: InjectionResult, after: InjectionResult) -> dict[str, fl
     return out
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Fine-tune, save the checkpoint, diagnose before vs after; write ``injection_diag.json``, ``summary.json``."""
+def check_same_source(checkpoint: Path, source: Path) -> None:
+    """Refuse to continue a fine-tuning of another source: ``checkpoint`` (this run's periodic or final
+    fine-tuning checkpoint) must record ``source`` as its source (``checkpoint=latest`` may name a newer
+    Exp 1 run by the time a run resumes)."""
+    from latentdyn.models.dynamics import CONFIG_KEY
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    recorded = (state.get(CONFIG_KEY) or {}).get("source", {}).get("checkpoint")
+    if recorded is None or Path(recorded).resolve() != Path(source).resolve():
+        raise ValueError(
+            f"cannot resume: {checkpoint} fine-tunes {recorded}, but the source checkpoint is now {source}; "
+            f"resume with checkpoint={recorded}"
+        )
+
+
+def finetune(
+    cfg: DictConfig, source: Any, source_path: Path, store: LatentStore
+) -> tuple[Any, Path, dict[str, float]]:
+    """Fine-tune ``source``; returns the fine-tuned model (eval mode), its final checkpoint
+    ``checkpoints/<name>_rollout_final.ckpt`` and the metrics its fit last logged.
+
+    The fit writes ``checkpoints/<name>_rollout_last.ckpt`` every ``cfg.checkpointing.every_n_steps`` steps;
+    with ``cfg.resume`` it continues from there, and a fine-tuning whose final checkpoint exists is loaded
+    instead of run again.
+    """
     from latentdyn.models.dynamics import load_dynamics
-    from latentdyn.models.training import build_trainer, job_logger, seed_everything
+    from latentdyn.models.training import (
+        build_trainer,
+        fit,
+        job_logger,
+        last_logged_metrics,
+        logged_metrics,
+        save_final_checkpoint,
+        seed_everything,
+    )
+
+    final = checkpoint_dir(cfg) / f"{source.hparams.name}_rollout_final.ckpt"
+    last = checkpoint_dir(cfg) / f"{source.hparams.name}_rollout_last.ckpt"
+    if cfg.resume:
+        for path in (p for p in (final, last) if p.is_file()):
+            check_same_source(path, source_path)
+        if final.is_file():
+            log.info("resume: the fine-tuning is done (%s); not running it again", final)
+            return load_dynamics(final), final, logged_metrics(final)
+    seed_everything(cfg.seed)
+    module = build_finetune_module(cfg, source, source_path)
+    datamodule = rollout_datamodule(cfg, store, module)
+    with job_logger(cfg) as logger:
+        trainer = build_trainer(cfg, logger, last_checkpoint=last)
+        log.info(
+            "rollout fine-tuning: K=%d, feed=%s, p_teacher %.2f -> %.2f over %d steps, lr=%g, k=%d (%s)",
+            module.k_steps,
+            module.feed,
+            module.teacher_prob_start,
+            module.teacher_prob_end,
+            module.ramp_steps,
+            float(cfg.lr),
+            module.horizon,
+            store.root,
+        )
+        # Loaders, not the datamodule: Lightning refuses to log a module and a datamodule whose shared
+        # hparams differ, and the datamodule's context is the whole segment's, not the model's W.
+        fit(
+            trainer,
+            module,
+            last,
+            bool(cfg.resume),
+            train_dataloaders=datamodule.train_dataloader(),
+            val_dataloaders=datamodule.val_dataloader(),
+        )
+    save_final_checkpoint(trainer, final, last)
+    return module.eval(), final, last_logged_metrics(trainer)
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Fine-tune, save the checkpoint, diagnose before vs after; write ``injection_diag.json``, ``summary.json``.
+
+    Resumable (``resume=true``): see :func:`finetune`.
+    """
+    from latentdyn.models.dynamics import load_dynamics
 
     source_path = resolve_checkpoint(
         str(cfg.checkpoint), Path(cfg.paths.manifest), SOURCE_EXPERIMENT, f"*_k{cfg.horizon_k}_final.ckpt"
@@ -172,34 +250,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         )
     store = store_of_checkpoint(cfg, source.run_config)
     run_dir = Path(cfg.run_dir)
-
-    seed_everything(cfg.seed)
-    module = build_finetune_module(cfg, source, source_path)
-    datamodule = rollout_datamodule(cfg, store, module)
-    with job_logger(cfg) as logger:
-        trainer = build_trainer(cfg, logger)
-        log.info(
-            "rollout fine-tuning: K=%d, feed=%s, p_teacher %.2f -> %.2f over %d steps, lr=%g, k=%d (%s)",
-            module.k_steps,
-            module.feed,
-            module.teacher_prob_start,
-            module.teacher_prob_end,
-            module.ramp_steps,
-            float(cfg.lr),
-            module.horizon,
-            store.root,
-        )
-        # Loaders, not the datamodule: Lightning refuses to log a module and a datamodule whose shared
-        # hparams differ, and the datamodule's context is the whole segment's, not the model's W.
-        trainer.fit(
-            module,
-            train_dataloaders=datamodule.train_dataloader(),
-            val_dataloaders=datamodule.val_dataloader(),
-        )
-    ckpt = checkpoint_dir(cfg) / f"{module.hparams.name}_rollout_final.ckpt"
-    trainer.save_checkpoint(ckpt)
-    fit = {name: float(value) for name, value in trainer.callback_metrics.items()}
-    module.eval()
+    module, ckpt, fit = finetune(cfg, source, source_path, store)
 
     before, after, starts = before_after(source.net, module.net, store, cfg.diagnostic)
     title = figure_title(cfg.name, cfg.run_id, horizon=int(module.horizon), extra="after fine-tuning")

@@ -19,21 +19,52 @@ KEY_METRICS = ("nll", "nll_baseline", "dnll", "cos", "logmag_r2", "mag_ratio", "
 
 def train_horizon(cfg: DictConfig, store: Any, k: int, logger: Any) -> tuple[Any, Path, dict[str, float]]:
     """Train one dynamics model at horizon ``k`` (with ``restore_best``: its best-validation weights);
-    returns the model, its checkpoint and the last logged train/val NLL."""
-    from latentdyn.models.training import RestoreBestValidation, build_trainer, seed_everything
+    returns the model, its checkpoint and the last logged train/val NLL.
 
+    The fit is resumable: it writes ``checkpoints/<model>_k<k>_last.ckpt`` every
+    ``cfg.checkpointing.every_n_steps`` steps, and with ``cfg.resume`` continues from it. With ``cfg.resume``
+    a horizon whose final checkpoint exists is not trained again: the model is loaded from it.
+    """
+    from latentdyn.models.training import (
+        RestoreBestValidation,
+        build_trainer,
+        fit,
+        last_logged_metrics,
+        save_final_checkpoint,
+        seed_everything,
+    )
+
+    name = f"{cfg.model.name}_k{k}"
+    final = checkpoint_dir(cfg) / f"{name}_final.ckpt"
+    if cfg.resume and final.is_file():
+        return trained_horizon(final, k)
+    last = checkpoint_dir(cfg) / f"{name}_last.ckpt"
     seed_everything(cfg.seed)
     model = build_dynamics(cfg, dim=store.dim, horizon=k)
     model.metric_prefix = f"k{k}/"
     datamodule = build_datamodule(cfg, store, model)
     callbacks = [RestoreBestValidation(f"k{k}/val/nll")] if cfg.restore_best else []
-    trainer = build_trainer(cfg, logger, callbacks)
+    trainer = build_trainer(cfg, logger, callbacks, last_checkpoint=last)
     log.info("training %s at k=%d on slice %s (%s)", cfg.model.name, k, cfg.datamodule.slice, store.root)
-    trainer.fit(model, datamodule=datamodule)
-    path = checkpoint_dir(cfg) / f"{cfg.model.name}_k{k}_final.ckpt"
-    trainer.save_checkpoint(path)
-    fit = {name: float(value) for name, value in trainer.callback_metrics.items() if "nll" in name}
-    return model.eval(), path, fit
+    fit(trainer, model, last, bool(cfg.resume), datamodule=datamodule)
+    save_final_checkpoint(trainer, final, last)
+    return model.eval(), final, _nll_metrics(last_logged_metrics(trainer))
+
+
+def trained_horizon(final: Path, k: int) -> tuple[Any, Path, dict[str, float]]:
+    """:func:`train_horizon`'s result for a horizon already trained: the model of its final checkpoint and
+    the NLL its fit last logged."""
+    from latentdyn.models.dynamics import load_dynamics
+    from latentdyn.models.training import logged_metrics
+
+    log.info("resume: k=%d is already trained (%s); not training it again", k, final)
+    model = load_dynamics(final)
+    model.metric_prefix = f"k{k}/"
+    return model, final, _nll_metrics(logged_metrics(final))
+
+
+def _nll_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    return {name: value for name, value in metrics.items() if "nll" in name}
 
 
 def model_battery(cfg: DictConfig, model: Any, store: Any) -> list[dict[str, Any]]:
