@@ -109,6 +109,7 @@ def test_numbers_of_either_kind_where_lightning_takes_both(tmp_path: Path) -> No
         ("horizons=[]", r"horizons=\[\]: expected a non-empty list"),
         ("horizons=[0]", r"horizons\[0\]=0: expected a positive integer"),
         ("trainer.max_steps=0", r"trainer.max_steps=0: expected a positive integer"),
+        ("checkpointing.every_n_steps=0", r"checkpointing.every_n_steps=0: expected a positive integer"),
         ("horizon_mode=strid", r"horizon_mode='strid': expected one of lag, stride"),
         ("predict=mode", r"predict='mode': expected one of median, mean, sample"),
         ("datamodule.medial_range=[0.9,0.1]", r"datamodule.medial_range=\[0.9, 0.1\]"),
@@ -147,6 +148,7 @@ def test_cli_refuses_bad_input_before_anything_starts(tmp_path: Path, args: list
     assert not (tmp_path / "escaped").exists()
 
 
+@pytest.mark.slow
 def test_cli_refuses_an_existing_run_id_unless_resumed_or_overwritten(tmp_path: Path) -> None:
     first = _cli([*TEST_PIPELINE_ARGS, "run_id=same", "seed=1"], tmp_path)
     assert first.returncode == 0, first.stderr

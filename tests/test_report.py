@@ -123,3 +123,34 @@ def test_training_bar_counts_steps_with_short_names(monkeypatch: pytest.MonkeyPa
     assert "train vmf k1" in out and "10/10" in out and "step" in out
     assert "nll=" in out and "val_nll=" in out
     assert "Epoch" not in out and "k1/train" not in out
+
+
+def test_lightning_prints_each_message_once_and_not_its_inventory(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import latentdyn.models.training  # noqa: F401  (routes Lightning's logging through the root)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        assert logging.getLogger(name).handlers == [], f"{name} prints on its own as well as via the root"
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO):
+        rank_zero.info("GPU available: False, used: False")
+        rank_zero.info("`Trainer.fit` stopped: `max_steps=20` reached.")
+        rank_zero.info("a message a user can act on")
+    assert [r.getMessage() for r in caplog.records] == ["a message a user can act on"]
+
+
+def test_resumed_run_keeps_the_interrupted_attempts_csv_log(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    from latentdyn.models.training import keep_earlier_csv_log
+
+    logger = CSVLogger(save_dir=tmp_path, name="logs", version="")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "metrics.csv").write_text("step,k1/train/nll\n10,1.5\n")
+    kept = keep_earlier_csv_log(logger)
+    assert kept == tmp_path / "logs" / "metrics.attempt1.csv" and kept.read_text().startswith("step,")
+    logger.log_metrics({"k1/train/nll": 1.2}, step=20)
+    logger.save()  # Lightning's writer deletes an existing metrics.csv: the earlier attempt is safe
+    assert kept.is_file() and (tmp_path / "logs" / "metrics.csv").is_file()
+    assert keep_earlier_csv_log(logger).name == "metrics.attempt2.csv"

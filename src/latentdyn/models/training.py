@@ -22,23 +22,36 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, RichProgressBar
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf
+
+from latentdyn.models.progress import StepProgressBar
 
 log = logging.getLogger(__name__)
 
 
+# Lightning's lines a user cannot act on: its advertising, the accelerator inventory every Trainer prints
+# (the run records the device) and the stop notice (every fit stops at max_steps; we log the fit's end).
+_LIGHTNING_NOISE = (
+    "litlogger",
+    "GPU available:",
+    "TPU available:",
+    "HPU available:",
+    "`Trainer.fit` stopped:",
+)
+
+
 class _DropAdvertising(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+        return not any(noise in record.getMessage() for noise in _LIGHTNING_NOISE)
 
 
 def _route_lightning_logs_through_root() -> None:
     """Lightning prints through its own console handlers as well as the root's: keep one copy (the root's,
     which also feeds run.log) and drop its advertising line."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
@@ -56,6 +69,8 @@ def job_logger(cfg: DictConfig) -> Iterator[Logger | None]:
         yield None
         return
     logger = instantiate(cfg.logger)
+    if cfg.get("resume"):
+        keep_earlier_csv_log(logger)
     try:
         yield logger
     finally:
@@ -66,6 +81,20 @@ def job_logger(cfg: DictConfig) -> Iterator[Logger | None]:
             import wandb
 
             wandb.finish()
+
+
+def keep_earlier_csv_log(logger: Logger) -> Path | None:
+    """Before a resumed run logs again: move the interrupted attempt's ``metrics.csv`` aside (to
+    ``metrics.attempt<N>.csv``), which Lightning's CSV logger would otherwise delete. Returns where it went."""
+    log_dir = getattr(logger, "log_dir", None) if isinstance(logger, CSVLogger) else None
+    current = Path(log_dir) / "metrics.csv" if log_dir else None
+    if current is None or not current.is_file():
+        return None
+    attempt = 1 + sum(1 for _ in current.parent.glob("metrics.attempt*.csv"))
+    kept = current.with_name(f"metrics.attempt{attempt}.csv")
+    current.rename(kept)
+    log.info("resume: the interrupted attempt's training log is kept as %s", kept)
+    return kept
 
 
 class RestoreBestValidation(Callback):
@@ -270,7 +299,7 @@ def build_trainer(
     if last_checkpoint is not None:
         callbacks += [GlobalRngState(), PeriodicCheckpoint(last_checkpoint, cfg.checkpointing.every_n_steps)]
     if kwargs.get("enable_progress_bar", True):
-        callbacks = [*callbacks, RichProgressBar(leave=True)]
+        callbacks = [*callbacks, StepProgressBar()]
     return pl.Trainer(
         **kwargs,
         logger=logger if logger is not None else False,

@@ -170,6 +170,7 @@ RULES: Mapping[str, Callable[[str, Any], None]] = {
     "rollout_lengths": _positive_ints,
     "horizon_k": _positive_int,
     "trainer.max_steps": _positive_int,
+    "checkpointing.every_n_steps": _positive_int,
     "datamodule.batch_size": _positive_int,
     "datamodule.num_workers": _non_negative_int,
     "datamodule.max_val_windows": _positive_int,
