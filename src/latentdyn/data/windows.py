@@ -239,8 +239,6 @@ class WindowDataset(Dataset):
         self._utt_starts = np.fromiter(
             (u.start for u in self.store.index), dtype=np.int64, count=len(self.store.index)
         )
-        self._mean = torch.as_tensor(np.asarray(self.store.mean, dtype=np.float32))
-        self._std = torch.as_tensor(np.asarray(self.store.std, dtype=np.float32))
 
     def _utterance_start_of(self, rows: np.ndarray) -> np.ndarray:
         """Start row of the utterance holding each row."""
@@ -261,7 +259,7 @@ class WindowDataset(Dataset):
         return len(self.anchors)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items() if k not in ("store", "_utt_starts", "_mean", "_std")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("store", "_utt_starts")}
         state["store_root"] = str(self.store.root)
         return state
 
@@ -278,9 +276,7 @@ class WindowDataset(Dataset):
         float16 -> float32 conversion is several times slower).
         """
         x = torch.from_numpy(np.asarray(self.store.latents[rows])).float()
-        if self.standardize:
-            x.sub_(self._mean).div_(self._std)
-        return x
+        return self.store.standardize(x) if self.standardize else x
 
     def get_batch(self, indices: np.ndarray | list[int]) -> dict[str, torch.Tensor]:
         """Windows ``indices`` (positions into :attr:`anchors`) stacked into a batch, with one store gather."""
