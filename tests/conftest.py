@@ -48,7 +48,8 @@ def run_cli(
     args: Sequence[str], root: Path, *, module: str = "latentdyn", timeout: float = 600, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m <module> ARGS`` with LATENTDYN_ROOT=root; raises with the output on failure."""
-    env = {**os.environ, "LATENTDYN_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+    # The repo on the path: tests' own pipelines (`pipeline=tests.pipelines.ok`) are importable.
+    env = {**os.environ, "LATENTDYN_ROOT": str(root), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=root,

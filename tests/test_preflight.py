@@ -19,21 +19,13 @@ from latentdyn.tracking.preflight import (
     claim_run_dir,
     overridden_keys,
 )
-from tests.conftest import REPO_ROOT, compose_at
+from tests.conftest import compose_at, run_cli
 
 TEST_PIPELINE_ARGS = ["pipeline=tests.pipelines.ok", "name=dummy", "tier=test"]
 
 
 def _cli(args: list[str], root: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "LATENTDYN_ROOT": str(root), "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "latentdyn", *args],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli(args, root, check=False, timeout=120)
 
 
 def _manifest(root: Path) -> list[dict]:

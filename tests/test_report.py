@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from latentdyn.tracking.report import compact_runs, end_of_run, format_value, metric_lines
-from tests.conftest import REPO_ROOT
+from tests.conftest import run_cli
 
 
 def test_values_are_short() -> None:
@@ -50,16 +48,8 @@ def test_compact_runs_cut_at_width() -> None:
 
 
 def test_cli_run_ends_with_its_metrics_and_next_command(tmp_path: Path) -> None:
-    env = {**os.environ, "LATENTDYN_ROOT": str(tmp_path), "PYTHONPATH": str(REPO_ROOT)}
     args = ["pipeline=tests.pipelines.ok", "name=dummy", "tier=test", "run_id=r", "next=latentdyn-results"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "latentdyn", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr
     tail = proc.stdout.strip().splitlines()[-5:]  # nothing after the next command
     assert tail[0] == "dummy · run r completed"
