@@ -107,7 +107,7 @@ def test_training_loggers_write_into_the_run_dir(
 FASTER = {
     "exp1_vmf": ["horizons=[1]"],
     "exp1b_vmf_rollout": ["rollout.k_steps=2", "trainer.max_steps=6"],
-    "exp3_rep_compare": ["horizons=[1]"],
+    "exp3_rep_compare": ["horizons=[1]", "representations=[mel]"],
     "exp4_linear_readout": ["pca.dims=[4]", "horizons=[1]"],
     "exp7_perceptual_rollout": ["rollout_lengths=[1,2]"],
     "tier1": ["horizons=[1]", "representations=[mel]"],
