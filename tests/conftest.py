@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+
+# One intra-op thread per test process, set before torch loads: on 2 cores torch's default pool busy-waits
+# whenever another process wants a core, which makes the suite several times slower under load.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import subprocess
 import sys
 from collections.abc import Callable, Sequence

@@ -241,6 +241,7 @@ def test_metrics_can_be_switched_off(speech: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("sample_rate", [24000, 48000])
+@pytest.mark.slow
 def test_higher_sample_rates(speech: np.ndarray, sample_rate: int) -> None:
     up, down = sample_rate // 8000, 2  # 24 kHz = 16 kHz * 3/2, 48 kHz = 16 kHz * 6/2
     noisy = _add_noise(speech, 20.0)

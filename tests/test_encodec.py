@@ -87,6 +87,7 @@ def test_protocol_attributes(rep: EncodecRepresentation) -> None:
 
 
 @pytest.mark.parametrize("samples", [1, 7, 319, 320, 321, 640, 641, 1000, 2413])
+@pytest.mark.slow
 def test_frame_count_and_decoded_length(rep: EncodecRepresentation, samples: int) -> None:
     z = rep.encode(_audio(2, samples))
     assert z.dtype == torch.float32
@@ -125,6 +126,7 @@ class _IdentityQuantizer(torch.nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # the package's old-style weight norm
+@pytest.mark.slow
 def test_round_trip_is_the_model_with_the_quantiser_bypassed(rep: EncodecRepresentation) -> None:
     """``EncodecModel.forward`` (its normalisation and segmenting included) with an identity quantiser."""
     model = EncodecModel.encodec_model_24khz(pretrained=False)
@@ -139,6 +141,7 @@ def test_round_trip_is_the_model_with_the_quantiser_bypassed(rep: EncodecReprese
         torch.testing.assert_close(got[..., :samples], expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_zero_padded_batch_keeps_full_frames(rep: EncodecRepresentation) -> None:
     """Frames covering only real samples do not see the batch's zero padding, once past the first 7 frames.
 
@@ -155,6 +158,7 @@ def test_zero_padded_batch_keeps_full_frames(rep: EncodecRepresentation) -> None
     torch.testing.assert_close(z[1], rep.encode(long)[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_random_weights_are_seeded_locally(rep: EncodecRepresentation) -> None:
     before = torch.get_rng_state()
     again = EncodecRepresentation(pretrained=False, seed=SEED)
@@ -168,6 +172,7 @@ def test_random_weights_are_seeded_locally(rep: EncodecRepresentation) -> None:
     )
 
 
+@pytest.mark.slow
 def test_config_loads_pretrained_from_the_hub_cache(
     rep: EncodecRepresentation, state_file: Path, offline: Path, compose_cfg: Any
 ) -> None:
@@ -198,6 +203,7 @@ def test_config_loads_pretrained_from_a_checkpoint(
     assert not offline.exists()  # the cache was never consulted for writing
 
 
+@pytest.mark.slow
 def test_download_goes_through_torch_hub_into_the_cache(
     rep: EncodecRepresentation, state_file: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

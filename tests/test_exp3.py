@@ -40,6 +40,7 @@ def test_unknown_representation_is_a_clear_error(compose_cfg) -> None:
         exp3_rep_compare.run(cfg)
 
 
+@pytest.mark.slow
 def test_exp3_smoke_summarises_each_representation(compose_cfg) -> None:
     cfg = compose_cfg(
         [

@@ -235,6 +235,7 @@ def test_write_wav_limits_the_peak_and_reports_the_gain(tmp_path: Path) -> None:
     np.testing.assert_array_equal(sf.read(tmp_path / "b.wav", dtype="float32")[0], (wave / 8).numpy())
 
 
+@pytest.mark.slow
 def test_pipeline_writes_decoded_edits_and_manifest(compose_cfg) -> None:
     cfg = compose_cfg(
         [

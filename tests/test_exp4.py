@@ -69,6 +69,7 @@ def test_experiment_config_is_the_reference_setup(tmp_path: Path) -> None:
     assert cfg.model.context == 8 and cfg.horizon_mode == "lag" and cfg.standardize is False
 
 
+@pytest.mark.slow
 def test_summary_has_a_row_per_variant_with_the_battery_columns(smoke_run) -> None:
     cfg, metrics = smoke_run
     rows = _summary(cfg)
@@ -107,6 +108,7 @@ def test_summary_has_a_row_per_variant_with_the_battery_columns(smoke_run) -> No
     assert (Path(cfg.run_dir) / "pca2" / "checkpoints" / "mdn_k2_final.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_injection_columns_and_key_metrics(smoke_run) -> None:
     cfg, metrics = smoke_run
     rows = _summary(cfg)
@@ -140,6 +142,7 @@ def test_injection_columns_and_key_metrics(smoke_run) -> None:
     assert record["pca_space"] == "raw" and record["config"]["space"] == "raw"
 
 
+@pytest.mark.slow
 def test_explained_variance_curve_matches_the_fit(smoke_run) -> None:
     cfg, _ = smoke_run
     run_dir = Path(cfg.run_dir)
@@ -155,6 +158,7 @@ def test_explained_variance_curve_matches_the_fit(smoke_run) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_projected_stores_are_raw_space_derived_and_cached(smoke_run, monkeypatch) -> None:
     cfg, _ = smoke_run
     cache = Path(cfg.paths.cache_dir)
@@ -190,6 +194,7 @@ def test_projected_stores_are_raw_space_derived_and_cached(smoke_run, monkeypatc
     assert {p.name for p in (cache / "pca").iterdir() if p.is_dir()} == {*built, new.root.name}
 
 
+@pytest.mark.slow
 def test_the_standardized_space_is_a_separate_cache(smoke_run) -> None:
     cfg, _ = smoke_run
     cache = Path(cfg.paths.cache_dir)
@@ -227,6 +232,7 @@ def test_injection_columns_blank_the_raw_scale_of_a_non_isometric_variant() -> N
     assert other["D_rollout_state_err"] == summary["state_err"]
 
 
+@pytest.mark.slow
 def test_dims_space_and_slice_are_validated(smoke_run, tmp_path: Path) -> None:
     cfg, _ = smoke_run
     bad = cfg.copy()

@@ -235,6 +235,7 @@ def exp1_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DictConfig
     GlobalHydra.instance().clear()
 
 
+@pytest.mark.slow
 def test_pipeline_on_an_exp1_checkpoint(exp1_run: tuple[Path, DictConfig, Path], monkeypatch) -> None:
     root, cfg1, ckpt = exp1_run
     assert cfg1.horizon_mode == "lag" and cfg1.standardize is False
@@ -326,6 +327,7 @@ def test_pipeline_on_an_exp1_checkpoint(exp1_run: tuple[Path, DictConfig, Path],
             torch.testing.assert_close(spliced[start : start + length], x_hat[start : start + length])
 
 
+@pytest.mark.slow
 def test_k2_checkpoints_are_refused_and_defaults_follow_the_reference(
     exp1_run: tuple[Path, DictConfig, Path], tmp_path: Path
 ) -> None:

@@ -55,6 +55,7 @@ def test_exp1_writes_checkpoints_metrics_and_tables(compose_cfg, lightning_loade
     assert details["horizons"]["k1"]["checkpoint"] == str(ckpt)
 
 
+@pytest.mark.slow
 def test_exp1_same_config_and_seed_give_same_metrics(compose_cfg, lightning_loaded) -> None:
     cfg, first = _exp1(compose_cfg)
     first_json = (Path(cfg.run_dir) / "metrics.json").read_text()
@@ -66,6 +67,7 @@ def test_exp1_same_config_and_seed_give_same_metrics(compose_cfg, lightning_load
     assert first != other_seed
 
 
+@pytest.mark.slow
 def test_exp2_runs_the_injection_diagnostic_of_a_checkpoint(compose_cfg, lightning_loaded) -> None:
     cfg1, _ = _exp1(compose_cfg)
     ckpt = Path(cfg1.run_dir) / "checkpoints" / "vmf_k1_final.ckpt"
@@ -89,6 +91,7 @@ def test_exp2_runs_the_injection_diagnostic_of_a_checkpoint(compose_cfg, lightni
     assert steps == set(range(1, cfg2.diagnostic.k_steps + 1))
 
 
+@pytest.mark.slow
 def test_exp2_rolls_out_a_lag_k_model(compose_cfg, lightning_loaded) -> None:
     """horizon_k = 2: the context lags the predicted one-frame delta by 2 frames; the reference schema says so."""
     cfg1, _ = _exp1(compose_cfg, "horizons=[2]")

@@ -16,6 +16,7 @@ from tests.test_librispeech import build_tree
 @pytest.mark.parametrize(
     ("representation", "dim", "frame_rate"), [("mimi", 512, 12.5), ("encodec", 128, 75.0)]
 )
+@pytest.mark.slow
 def test_smoke_phase0_runs_each_codec_with_random_weights(
     compose_cfg, representation, dim, frame_rate
 ) -> None:

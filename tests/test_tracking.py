@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from latentdyn.tracking.manifest import append_record, iter_records
@@ -142,6 +143,7 @@ def _append_many(path: str, writer: int, n: int) -> None:
         append_record(Path(path), {"writer": writer, "i": i, "payload": "x" * 2000})
 
 
+@pytest.mark.slow
 def test_concurrent_appends_lose_nothing(tmp_path: Path) -> None:
     manifest = tmp_path / "manifest.jsonl"
     ctx = mp.get_context("spawn")

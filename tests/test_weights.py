@@ -318,6 +318,7 @@ def test_missing_weights_message_advises_unsetting_offline_only_when_it_is_set(
     assert "unset HF_HUB_OFFLINE (it is set now)" in missing_weights_message(REPO, FILENAME, "x")
 
 
+@pytest.mark.slow
 def test_missing_weights_reach_the_user_and_the_run_record_as_readable_text(tmp_path: Path) -> None:
     """Hydra's instantiate wraps the error in a one-line repr; the CLI and run_info.json show the message."""
     from tests.conftest import REPO_ROOT

@@ -529,7 +529,8 @@ def _take(loader, n: int) -> list[np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+# With workers, a loader left half-read costs ~5 s per worker at shutdown: the slow step runs that case.
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_train_loader_resumes_where_its_state_says(store_data, tmp_path: Path, num_workers: int) -> None:
     """A loader restored from another's state (through a weights-only checkpoint file) hands out exactly the
     batches the other would have handed out next: mid-epoch, at an epoch's end, twice in a row, with
