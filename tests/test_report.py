@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -142,5 +143,11 @@ def test_resumed_run_keeps_the_interrupted_attempts_csv_log(tmp_path: Path) -> N
     assert kept == tmp_path / "logs" / "metrics.attempt1.csv" and kept.read_text().startswith("step,")
     logger.log_metrics({"k1/train/nll": 1.2}, step=20)
     logger.save()  # Lightning's writer deletes an existing metrics.csv: the earlier attempt is safe
+    # ... and its warning that it will, which a user cannot act on, is not shown.
+    message = f"Experiment logs directory {tmp_path}/logs/ exists and is not empty. Previous log files ..."
+    assert any(
+        action == "ignore" and pattern is not None and pattern.match(message)
+        for action, pattern, *_ in warnings.filters
+    )
     assert kept.is_file() and (tmp_path / "logs" / "metrics.csv").is_file()
     assert keep_earlier_csv_log(logger).name == "metrics.attempt2.csv"

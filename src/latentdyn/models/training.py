@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +61,9 @@ def _route_lightning_logs_through_root() -> None:
 
 
 _route_lightning_logs_through_root()
+# Only a resumed run logs into an existing directory, and keep_earlier_csv_log has moved the earlier
+# metrics.csv aside by then: the CSV logger's warning that it will delete it is not for the user.
+warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
 @contextmanager
