@@ -61,9 +61,6 @@ def _route_lightning_logs_through_root() -> None:
 
 
 _route_lightning_logs_through_root()
-# Only a resumed run logs into an existing directory, and keep_earlier_csv_log has moved the earlier
-# metrics.csv aside by then: the CSV logger's warning that it will delete it is not for the user.
-warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
 @contextmanager
@@ -98,6 +95,11 @@ def keep_earlier_csv_log(logger: Logger) -> Path | None:
     kept = current.with_name(f"metrics.attempt{attempt}.csv")
     current.rename(kept)
     log.info("resume: the interrupted attempt's training log is kept as %s", kept)
+    # Open the logger's writer now: its warning that the directory is not empty and metrics.csv will be
+    # deleted is moot (it was moved aside) and not for the user.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+        _ = logger.experiment
     return kept
 
 
