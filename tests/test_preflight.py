@@ -41,6 +41,15 @@ def test_unsafe_run_ids_are_refused(run_id: str) -> None:
         check_run_id(run_id)
 
 
+@pytest.mark.parametrize("override", ["name=../../x", "tier=/tmp"])
+def test_the_other_run_dir_components_are_checked_too(tmp_path: Path, override: str) -> None:
+    from latentdyn.tracking.preflight import validate
+
+    cfg = compose_at(tmp_path, ["experiment=exp1_vmf", override], tmp_path / "run")
+    with pytest.raises(ConfigError, match=f"{override.split('=')[0]}="):
+        validate(cfg, None, [])
+
+
 @pytest.mark.parametrize("run_id", ["2026-12-01_19-20-00_123456", "my_run", "sweep.v2", "7", "a-b_c.d"])
 def test_safe_run_ids_pass(run_id: str) -> None:
     assert check_run_id(run_id) == run_id

@@ -37,12 +37,13 @@ class InvalidValue(ConfigError):
         return f"invalid config: {super().__str__()}"
 
 
-def check_run_id(run_id: Any) -> str:
-    """``run_id`` as the one safe path component it must be, or :class:`ConfigError`."""
+def check_run_id(run_id: Any, key: str = "run_id") -> str:
+    """``run_id`` (or another run-directory component, ``key``: ``name``, ``tier``) as the one safe path
+    component it must be, or :class:`ConfigError`."""
     text = str(run_id)
     if not RUN_ID_PATTERN.fullmatch(text):
         raise InvalidValue(
-            f"run_id={text!r} is not a valid run id: it names one directory under outputs/, so it must be "
+            f"{key}={text!r} is not valid: it names one directory under outputs/, so it must be "
             "1-128 characters of letters, digits, `_`, `-` and `.`, not starting with `.` (no `/`)"
         )
     return text
@@ -214,6 +215,8 @@ def validate(cfg: DictConfig, baseline: DictConfig | None, keys: Iterable[str]) 
     """All checks of a job's config: the run id, overridden values' types (against ``baseline``, the same
     experiment composed without value overrides) and :data:`RULES`."""
     check_run_id(cfg.run_id)
+    for key in ("name", "tier"):
+        check_run_id(cfg.get(key), key)
     if cfg.get("resume") and cfg.get("overwrite"):
         raise InvalidValue("resume=true and overwrite=true: choose one (continue the run, or replace it)")
     if baseline is not None:
