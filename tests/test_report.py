@@ -15,10 +15,13 @@ from tests.conftest import run_cli
 
 
 def test_values_are_short() -> None:
-    assert [format_value(v) for v in (1234.5678, -0.000123456, 3, None, float("nan"), "lag")] == [
+    values = (1234.5678, -0.000123456, 3, 15860.0, 2.5e12, None, float("nan"), "lag")
+    assert [format_value(v) for v in values] == [
         "1235",
         "-0.0001235",
         "3",
+        "15860",
+        "2.5e+12",
         "-",
         "-",
         "lag",

@@ -15,11 +15,14 @@ MAX_METRICS = 12
 
 
 def format_value(value: Any) -> str:
-    """A metric value in at most ~8 characters: 4 significant digits, ``-`` for a missing one."""
+    """A metric value in at most ~10 characters: whole numbers as they are, others to 4 significant digits,
+    ``-`` for a missing one."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
+    if float(value).is_integer() and abs(value) < 1e9:
+        return str(int(value))  # counts (frames, windows) are recorded as floats
     return f"{value:.4g}"
 
 
