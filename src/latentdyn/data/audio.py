@@ -22,6 +22,8 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+from latentdyn.jsonio import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 #: What ``data.on_bad_audio`` may say: leave a bad file out (and record it), or stop at it.
@@ -109,10 +111,7 @@ def report_bad_file(bad: BadFile, policy: str) -> None:
 
 def write_bad_files(bad_files: Iterable[BadFile], path: Path) -> None:
     """Write a bad-file record: a JSON list of :meth:`BadFile.to_dict`, possibly empty, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps([b.to_dict() for b in bad_files], indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(Path(path), [b.to_dict() for b in bad_files])
 
 
 def read_bad_files(path: Path) -> list[BadFile]:
