@@ -27,8 +27,10 @@ def checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     _git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
     monkeypatch.setattr(provenance, "SOURCE_DIR", repo / "pkg")
     provenance.git_state.cache_clear()
+    provenance.git_patch.cache_clear()
     yield repo
     provenance.git_state.cache_clear()
+    provenance.git_patch.cache_clear()
 
 
 def _run(tmp_path: Path) -> dict:

@@ -37,9 +37,12 @@ def git_state(source_dir: Path | None = None) -> dict[str, Any]:
     return {"git_commit": commit, "git_dirty": bool(status)}
 
 
-def git_patch(source_dir: Path | None = None) -> tuple[str, list[str]] | None:
+@cache
+def git_patch(source_dir: Path | None = None) -> tuple[str, tuple[str, ...]] | None:
     """For a dirty checkout: ``git diff HEAD`` (staged and unstaged changes to tracked files, with binary
-    hunks) and the untracked files a patch cannot carry; ``None`` for a clean checkout or outside git."""
+    hunks) and the untracked files a patch cannot carry; ``None`` for a clean checkout or outside git.
+
+    Read once per process, like :func:`git_state`: a composite run's sub-runs record the same code."""
     source_dir = source_dir or SOURCE_DIR
     if not git_state(source_dir).get("git_dirty"):
         return None
@@ -48,7 +51,7 @@ def git_patch(source_dir: Path | None = None) -> tuple[str, list[str]] | None:
     if patch is None:
         return None
     untracked = _git(["ls-files", "--others", "--exclude-standard"], Path(top)) or ""
-    return patch + "\n", [line for line in untracked.splitlines() if line]
+    return patch + "\n", tuple(line for line in untracked.splitlines() if line)
 
 
 def command_line(argv: list[str] | None = None) -> str:

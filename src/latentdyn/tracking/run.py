@@ -135,7 +135,7 @@ class TrackedRun:
             return {"git_patch": None, "git_untracked": []}
         patch, untracked = found
         write_text_atomic(self.run_dir / PATCH_NAME, patch)
-        return {"git_patch": PATCH_NAME, "git_untracked": untracked}
+        return {"git_patch": PATCH_NAME, "git_untracked": list(untracked)}
 
     def record_weights(self, name: str, provenance: Mapping[str, Any]) -> None:
         """Record where a component's weights came from (a pretrained source, or ``"random"``)."""
