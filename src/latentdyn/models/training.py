@@ -44,20 +44,20 @@ _LIGHTNING_NOISE = (
 )
 
 
-class _DropAdvertising(logging.Filter):
+class _DropLightningNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(noise in record.getMessage() for noise in _LIGHTNING_NOISE)
 
 
 def _route_lightning_logs_through_root() -> None:
     """Lightning prints through its own console handlers as well as the root's: keep one copy (the root's,
-    which also feeds run.log) and drop its advertising line."""
+    which also feeds run.log) and drop the lines in :data:`_LIGHTNING_NOISE`."""
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.propagate = True
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertising())
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningNoise())
 
 
 _route_lightning_logs_through_root()
@@ -292,7 +292,7 @@ def build_trainer(
     last_checkpoint: str | Path | None = None,
     **overrides: Any,
 ) -> pl.Trainer:
-    """``Trainer(**cfg.trainer)`` with the job's logger, a rich progress bar and the run dir as root.
+    """``Trainer(**cfg.trainer)`` with the job's logger, a :class:`StepProgressBar` and the run dir as root.
 
     With ``last_checkpoint`` the fit is resumable (see the module docstring and :func:`fit`): a
     :class:`PeriodicCheckpoint` writes it every ``cfg.checkpointing.every_n_steps`` steps, after ``callbacks``
