@@ -341,7 +341,12 @@ class IndexBatchSampler(Sampler[np.ndarray]):
     """
 
     def __init__(
-        self, n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None = None
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -351,12 +356,14 @@ class IndexBatchSampler(Sampler[np.ndarray]):
             bool(shuffle),
             generator,
         )
+        #: Leave out the epoch's last batch when it is smaller than ``batch_size``.
+        self.drop_last = bool(drop_last)
         #: Generator state the latest permutation was drawn from (None: none drawn yet, or no generator).
         self.epoch_state: torch.Tensor | None = None
         self._resume: tuple[torch.Tensor | None, int] | None = None
 
     def __len__(self) -> int:
-        return -(-self.n // self.batch_size)
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
     def resume(self, epoch_state: torch.Tensor | None, start: int) -> None:
         """Make the next epoch replay an interrupted one: its permutation drawn from generator state
@@ -376,16 +383,20 @@ class IndexBatchSampler(Sampler[np.ndarray]):
     def __iter__(self) -> Iterator[np.ndarray]:
         epoch_state, start = self._resume if self._resume is not None else (None, 0)
         self._resume = None
+        if self.shuffle and self.generator is not None:
+            if epoch_state is not None:
+                self.generator.set_state(epoch_state)
+            self.epoch_state = self.generator.get_state()
+        order = self._epoch_order()
+        for batch in range(start, len(self)):
+            yield order[batch * self.batch_size : (batch + 1) * self.batch_size]
+
+    def _epoch_order(self) -> np.ndarray:
+        """The epoch's positions in visiting order (drawn from the generator when shuffled); a subclass may
+        draw more per position from the same generator (rows of an ``(n, ...)`` array)."""
         if self.shuffle:
-            if self.generator is not None:
-                if epoch_state is not None:
-                    self.generator.set_state(epoch_state)
-                self.epoch_state = self.generator.get_state()
-            order = torch.randperm(self.n, generator=self.generator).numpy()
-        else:
-            order = np.arange(self.n, dtype=np.int64)
-        for lo in range(start * self.batch_size, self.n, self.batch_size):
-            yield order[lo : lo + self.batch_size]
+            return torch.randperm(self.n, generator=self.generator).numpy()
+        return np.arange(self.n, dtype=np.int64)
 
 
 class ResumableBatchLoader(DataLoader):
