@@ -279,6 +279,10 @@ class EncodecRepresentation(torch.nn.Module):
             raise ValueError(f"expected latents of shape (B, {DIM}, T >= 1), got {tuple(latents.shape)}")
         return self.model.decoder(latents.to(device=self.device, dtype=torch.float32))
 
+    def decoder_module(self) -> torch.nn.Module:
+        """The SEANet decoder (latents ``(B, 128, T)`` -> audio ``(B, 1, 320 T)``), sharing this model's weights."""
+        return self.model.decoder
+
     def extra_repr(self) -> str:
         return (
             f"sample_rate={SAMPLE_RATE}, frame_rate={FRAME_RATE}, hop={HOP}, dim={DIM}, "

@@ -42,7 +42,7 @@ from moshi.quantization import ResidualVectorQuantizer, SplitResidualVectorQuant
 
 from latentdyn.representations.weights import locate_pretrained, random_provenance, seeded_init
 
-__all__ = ["LATENT_SPACES", "MimiRepresentation", "bypass_quantizer"]
+__all__ = ["LATENT_SPACES", "MimiDecoderPath", "MimiRepresentation", "bypass_quantizer"]
 
 #: ``latent_space`` choices, the default first.
 LATENT_SPACES = ("quantizer_output", "pre_quantizer")
@@ -62,6 +62,37 @@ def bypass_quantizer(quantizer: torch.nn.Module, z: torch.Tensor) -> torch.Tenso
     if isinstance(quantizer, ResidualVectorQuantizer):
         return quantizer.output_proj(quantizer.input_proj(z))
     raise TypeError(f"no quantiser bypass for {type(quantizer).__name__}")
+
+
+class MimiDecoderPath(torch.nn.Module):
+    """Mimi's decoding as one differentiable network, latents in ``latent_space`` -> audio ``(B, 1, T * 1920)``.
+
+    Holds (references, until copied) the parts of a :class:`MimiModel` that decoding uses: the quantiser's
+    projections (``pre_quantizer`` latents only), the upsampling to the encoder's frame rate, the decoder
+    transformer and the SEANet decoder. ``copy.deepcopy`` of it copies those parts only, which is how the
+    β-VAE trains a decoder of its own (:mod:`latentdyn.models.betavae`).
+    """
+
+    def __init__(self, model: MimiModel, latent_space: str) -> None:
+        super().__init__()
+        self.quantizer = model.quantizer if latent_space == "pre_quantizer" else None
+        self.needs_upsampling = model.encoder_frame_rate != model.frame_rate
+        self.interpolate = model.resample_method == "interpolate"
+        self.scale = model.encoder_frame_rate / model.frame_rate
+        self.upsample = model.upsample if self.needs_upsampling and not self.interpolate else None
+        self.decoder_transformer = model.decoder_transformer
+        self.decoder = model.decoder
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        z = bypass_quantizer(self.quantizer, latents) if self.quantizer is not None else latents
+        if self.needs_upsampling:
+            if self.interpolate:
+                z = torch.nn.functional.interpolate(z, size=int(z.shape[-1] * self.scale), mode="linear")
+            else:
+                z = self.upsample(z)
+        if self.decoder_transformer is not None:
+            (z,) = self.decoder_transformer(z)
+        return self.decoder(z)
 
 
 class MimiRepresentation(torch.nn.Module):
@@ -189,6 +220,10 @@ class MimiRepresentation(torch.nn.Module):
         if self.latent_space == "pre_quantizer":
             z = bypass_quantizer(self.model.quantizer, z)
         return self.synthesise(z)
+
+    def decoder_module(self) -> MimiDecoderPath:
+        """The decoding network (latents in :attr:`latent_space` -> audio), sharing this model's weights."""
+        return MimiDecoderPath(self.model, self.latent_space)
 
     def extra_repr(self) -> str:
         return (
