@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import call, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from latentdyn import artifacts
 from latentdyn.data.audio import BAD_FILES_NAME, BadAudioError, BadFile, read_bad_files, write_bad_files
@@ -50,7 +50,7 @@ def splits_spec(cfg: DictConfig) -> dict[str, Any]:
 
 
 def store_spec(cfg: DictConfig) -> dict[str, Any]:
-    return {
+    spec = {
         "version": STORE_VERSION,
         "splits": splits_spec(cfg),
         "representation": _plain(cfg.representation),
@@ -58,6 +58,44 @@ def store_spec(cfg: DictConfig) -> dict[str, Any]:
         # Half-precision encoding changes the stored values.
         "precision": cfg.extract.precision,
     }
+    checkpoint = cfg.representation.get("checkpoint")
+    if checkpoint and Path(str(checkpoint)).expanduser().is_file():
+        # What the weights are, not only where: a retrained or replaced file makes a new store.
+        from latentdyn.representations.weights import cached_sha256
+
+        spec["checkpoint_sha256"] = cached_sha256(Path(str(checkpoint)).expanduser())
+    return spec
+
+
+def is_run_reference(value: Any) -> bool:
+    """Whether a checkpoint value names a run rather than a file: ``latest:EXPERIMENT[/SUB_RUN]``."""
+    return isinstance(value, str) and (value == "latest" or value.startswith("latest:"))
+
+
+def resolve_representation_checkpoint(cfg: DictConfig) -> None:
+    """Turn a run reference or a run directory in ``representation.checkpoint`` into the checkpoint file it
+    names (``latest:exp5_betavae/betavae_smooth`` -> that variant's newest ``*_final.ckpt``), in ``cfg``.
+
+    So the store's spec, its recorded representation config and every checkpoint trained on it name the file
+    (with its SHA-256), and a later run of the named experiment cannot change what this run's store means.
+    """
+    from latentdyn.tracking.lookup import resolve_checkpoint, resolve_checkpoint_in_dir
+
+    value = cfg.representation.get("checkpoint")
+    if is_run_reference(value):
+        if value == "latest":
+            raise ValueError(
+                "representation.checkpoint=latest does not say which experiment: use latest:EXPERIMENT or "
+                "latest:EXPERIMENT/SUB_RUN (e.g. latest:exp5_betavae/betavae_smooth)"
+            )
+        resolved = resolve_checkpoint(value, Path(cfg.paths.manifest), "", ["*_final.ckpt"])
+    elif value and Path(str(value)).expanduser().is_dir():
+        resolved = resolve_checkpoint_in_dir(Path(str(value)).expanduser(), ["*_final.ckpt"])
+    else:
+        return
+    log.info("representation.checkpoint=%s -> %s", value, resolved)
+    with open_dict(cfg):
+        cfg.representation.checkpoint = str(Path(resolved).resolve())
 
 
 def _corpus_artifact(cfg: DictConfig) -> Path:
@@ -111,6 +149,7 @@ def prepare_latent_store(cfg: DictConfig) -> LatentStore:
     """The latent store of ``cfg.data`` x ``cfg.representation`` (built on first use, then reused)."""
     from latentdyn.representations.extract import extract_to_store, resolve_device
 
+    resolve_representation_checkpoint(cfg)
     store_path = artifacts.artifact_path(Path(cfg.paths.cache_dir), "latents", store_spec(cfg))
 
     def build(tmp: Path) -> None:

@@ -10,19 +10,26 @@ from latentdyn.tracking.results import select_runs, summarize_runs
 
 
 def latest_run_dir(manifest: Path, experiment: str) -> Path:
-    """Directory of the newest completed run of ``experiment``; a clear error if there is none."""
-    runs = select_runs(summarize_runs(iter_records(manifest)), experiment, latest=True)
+    """Directory of the newest completed run of ``experiment``; a clear error if there is none.
+
+    ``EXPERIMENT/NAME`` names a sub-run: the newest completed run of ``EXPERIMENT`` whose run id ends in
+    ``/NAME`` (an Exp 5 variant, ``exp5_betavae/betavae_smooth``).
+    """
+    name, _, sub = experiment.partition("/")
+    runs = select_runs(summarize_runs(iter_records(manifest)), name, latest=False)
+    if sub:
+        runs = [r for r in runs if r.run_id.endswith(f"/{sub}")]
     if not runs:
+        what = f"{name} run with a sub-run {sub!r}" if sub else f"{name} run"
         raise FileNotFoundError(
-            f"no completed {experiment} run in {manifest}; run `latentdyn experiment={experiment}` first "
-            "or pass checkpoint=PATH"
+            f"no completed {what} in {manifest}; run `latentdyn experiment={name}` first or pass checkpoint=PATH"
         )
-    return Path(runs[0].run_dir)
+    return Path(max(runs, key=lambda r: r.end_time or "").run_dir)
 
 
 def resolve_checkpoint(value: str, manifest: Path, experiment: str, patterns: str | Sequence[str]) -> Path:
     """A checkpoint path from ``value``: a file path, a run directory, ``latest`` (newest completed run of
-    ``experiment``) or ``latest:EXPERIMENT``. In a run directory, the first of ``patterns`` that matches
+    ``experiment``), ``latest:EXPERIMENT`` or ``latest:EXPERIMENT/SUB_RUN`` (see :func:`latest_run_dir`). In a run directory, the first of ``patterns`` that matches
     exactly one file under ``checkpoints/`` names the checkpoint.
     """
     if value == "latest" or value.startswith("latest:"):

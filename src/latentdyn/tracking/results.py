@@ -131,6 +131,11 @@ def weights_label(weights: dict[str, Any]) -> str:
     parts = []
     for name, prov in sorted(weights.items()):
         source = prov.get("source") if isinstance(prov, dict) else prov
+        base = prov.get("base") if isinstance(prov, dict) else None
+        if isinstance(base, dict) and base.get("source"):
+            source = (
+                f"{source} (base {base['source']})"  # a learned projection over a codec: say which weights
+            )
         parts.append(f"{name}:{source}")
     return " ".join(parts)
 
