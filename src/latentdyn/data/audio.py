@@ -129,11 +129,12 @@ def read_bad_files(path: Path) -> list[BadFile]:
     return [BadFile(**row) for row in json.loads(path.read_text())]
 
 
-def resample(wave: torch.Tensor, orig_sr: int, target_sr: int) -> torch.Tensor:
+def resample(wave: torch.Tensor, orig_sr: int, target_sr: int, *, pad_to_second: bool = True) -> torch.Tensor:
     """Resample ``wave`` (..., S) from ``orig_sr`` to ``target_sr`` Hz along the last axis.
 
     Band-limited windowed-sinc interpolation (torchaudio, Kaiser window); the output has
     ``ceil(S * target_sr / orig_sr)`` samples. Returns the input unchanged when the rates match.
+    ``pad_to_second=False`` skips the padding below (same output), for callers whose lengths repeat.
     """
     if orig_sr <= 0 or target_sr <= 0:
         raise ValueError(f"sample rates must be positive, got {orig_sr} -> {target_sr}")
@@ -143,7 +144,7 @@ def resample(wave: torch.Tensor, orig_sr: int, target_sr: int) -> torch.Tensor:
     # lengths would fill that cache (~170 kB a plan). Zero-padding to whole seconds bounds the number of
     # shapes; the kernel already treats samples past the end as zeros, so the cropped output is identical.
     n = wave.shape[-1]
-    padded = torch.nn.functional.pad(wave, (0, (-n) % int(orig_sr)))
+    padded = torch.nn.functional.pad(wave, (0, (-n) % int(orig_sr) if pad_to_second else 0))
     out = AF.resample(padded, int(orig_sr), int(target_sr), **_RESAMPLE_KW)
     return out[..., : math.ceil(n * target_sr / orig_sr)]
 

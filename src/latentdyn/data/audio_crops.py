@@ -23,12 +23,19 @@ import torch
 from torch.utils.data import Dataset
 
 from latentdyn.data.audio import BadAudioError, load_audio, resample
+from latentdyn.data.audio_cache import AudioCache
 from latentdyn.data.corpus import Utterance
 from latentdyn.data.windows import IndexBatchSampler, ResumableBatchLoader
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AudioCrops", "CropBatchSampler", "crop_loader", "crop_offset"]  # and AudioCropDataModule (lazy)
+__all__ = [
+    "AudioCrops",
+    "CropBatchSampler",
+    "crop_loader",
+    "crop_offset",
+    "default_crop_workers",
+]  # and AudioCropDataModule (lazy)
 
 #: Offset draws are integers in [0, 2^31); an offset is a draw modulo the number of possible offsets.
 _DRAW_RANGE = 2**31
@@ -51,42 +58,57 @@ class AudioCrops(Dataset):
     """Crops ``(B, 1, crop_samples)`` of ``utterances`` at ``sample_rate``; item = ``(n, 2)`` int64 rows of
     ``(utterance index, offset draw)`` (:data:`CENTRED` for the middle crop).
 
-    A file that cannot be read raises :class:`~latentdyn.data.audio.BadAudioError` naming it (the splits come
-    from a corpus whose bad files were already left out, so this means the file changed since).
+    With an :class:`~latentdyn.data.audio_cache.AudioCache` at ``sample_rate`` holding the utterances, a crop is
+    a slice of it (decoded and resampled once, like extraction); without, the crop's span is read from the
+    file and resampled. A file that cannot be read raises :class:`~latentdyn.data.audio.BadAudioError` naming
+    it (the splits come from a corpus whose bad files were already left out, so this means the file changed).
     """
 
-    def __init__(self, utterances: Sequence[Utterance], sample_rate: int, crop_samples: int) -> None:
+    def __init__(
+        self,
+        utterances: Sequence[Utterance],
+        sample_rate: int,
+        crop_samples: int,
+        cache: AudioCache | None = None,
+    ) -> None:
         if not utterances:
             raise ValueError("no utterances to crop")
         if crop_samples < 1 or sample_rate < 1:
             raise ValueError(
                 f"crop_samples and sample_rate must be positive, got {crop_samples}, {sample_rate}"
             )
+        if cache is not None:
+            if cache.sample_rate != int(sample_rate):
+                raise ValueError(
+                    f"the audio cache is at {cache.sample_rate} Hz, the crops at {sample_rate} Hz"
+                )
+            missing = [u.utt_id for u in utterances if u.utt_id not in cache]
+            if missing:
+                raise ValueError(
+                    f"{len(missing)} utterances are not in the audio cache {cache.root}: {missing[:3]}"
+                )
         self.utterances = list(utterances)
         self.sample_rate = int(sample_rate)
         self.crop_samples = int(crop_samples)
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.utterances)
 
     def crop(self, utt: Utterance, draw: int) -> torch.Tensor:
         """One crop ``(crop_samples,)`` of ``utt`` at the offset ``draw`` picks (zero-padded when short)."""
-        n_target = int(round(utt.duration * self.sample_rate))
-        start = crop_offset(n_target, self.crop_samples, draw)
-        wave = self._read_span(utt, start)
-        if wave.shape[0] < self.crop_samples:
-            wave = torch.nn.functional.pad(wave, (0, self.crop_samples - wave.shape[0]))
-        return wave[: self.crop_samples]
+        return self.crops([(utt, draw)])[0]
 
-    def _read_span(self, utt: Utterance, start: int) -> torch.Tensor:
-        """Samples ``[start, start + crop_samples)`` at the target rate, reading only that span of the file.
+    def _span(self, utt: Utterance, draw: int) -> tuple[int, int, int]:
+        """Where to read ``utt``'s crop: ``(first source sample, source samples, target samples to skip)``.
 
-        The read starts on a sample where the source and target grids coincide (a multiple of
-        ``orig / gcd(orig, target)``) and ``_RESAMPLE_MARGIN`` samples early, so the crop is the whole-file
-        resampling's samples, not ones shifted by a fraction of a sample.
+        Without resampling that is the crop itself. With it, the read starts on a sample where the source and
+        target grids coincide (a multiple of ``orig / gcd(orig, target)``) and ``_RESAMPLE_MARGIN`` samples
+        early, so the crop is the whole-file resampling's samples, not ones shifted by a fraction of a sample.
         """
+        start = crop_offset(int(round(utt.duration * self.sample_rate)), self.crop_samples, draw)
         if utt.sample_rate == self.sample_rate:
-            return self._read_frames(utt, start, self.crop_samples)
+            return start, self.crop_samples, 0
         common = math.gcd(utt.sample_rate, self.sample_rate)
         step_src, step_tgt = utt.sample_rate // common, self.sample_rate // common
         blocks = max(0, (start * utt.sample_rate // self.sample_rate - _RESAMPLE_MARGIN) // step_src)
@@ -94,9 +116,41 @@ class AudioCrops(Dataset):
         src_len = (
             math.ceil((skip + self.crop_samples) * utt.sample_rate / self.sample_rate) + _RESAMPLE_MARGIN
         )
-        source = self._read_frames(utt, blocks * step_src, src_len)
-        wave = resample(source, utt.sample_rate, self.sample_rate).clamp_(-1.0, 1.0)
-        return wave[skip : skip + self.crop_samples]
+        return blocks * step_src, src_len, skip
+
+    def crops(self, items: Sequence[tuple[Utterance, int]]) -> torch.Tensor:
+        """Crops ``(n, crop_samples)`` of ``(utterance, draw)`` pairs; those at one source rate are resampled
+        together in one batched call (the costly part of loading), each zero beyond its file's end."""
+        if self.cache is not None:
+            cached = np.empty((len(items), self.crop_samples), dtype=np.float32)
+            for i, (utt, draw) in enumerate(items):
+                start = crop_offset(self.cache.n_samples(utt.utt_id), self.crop_samples, draw)
+                self.cache.span(utt.utt_id, start, self.crop_samples, out=cached[i])
+            return torch.from_numpy(cached)
+        out = torch.zeros(len(items), self.crop_samples)
+        by_rate: dict[int, list[int]] = {}
+        for i, (utt, _) in enumerate(items):
+            by_rate.setdefault(int(utt.sample_rate), []).append(i)
+        for rate, members in by_rate.items():
+            spans = [self._span(*items[i]) for i in members]
+            sources = [
+                self._read_frames(items[i][0], first, n)
+                for i, (first, n, _) in zip(members, spans, strict=True)
+            ]
+            if rate == self.sample_rate:
+                for i, source in zip(members, sources, strict=True):
+                    out[i, : source.shape[0]] = source
+                continue
+            batch = torch.zeros(len(sources), max(n for _, n, _ in spans))
+            for row, source in enumerate(sources):
+                batch[row, : source.shape[0]] = source
+            waves = resample(batch, rate, self.sample_rate, pad_to_second=False).clamp_(-1.0, 1.0)
+            for row, (i, source, (_, _, skip)) in enumerate(zip(members, sources, spans, strict=True)):
+                # Samples past the file's end are the filter's tail over zeros: the crop is zero there.
+                valid = min(math.ceil(source.shape[0] * self.sample_rate / rate) - skip, self.crop_samples)
+                if valid > 0:
+                    out[i, :valid] = waves[row, skip : skip + valid]
+        return out
 
     @staticmethod
     def _read_frames(utt: Utterance, start: int, frames: int) -> torch.Tensor:
@@ -111,7 +165,7 @@ class AudioCrops(Dataset):
 
     def __getitem__(self, items: np.ndarray) -> torch.Tensor:
         rows = np.asarray(items, dtype=np.int64).reshape(-1, 2)
-        return torch.stack([self.crop(self.utterances[int(i)], int(draw)) for i, draw in rows])[:, None]
+        return self.crops([(self.utterances[int(i)], int(draw)) for i, draw in rows])[:, None]
 
 
 class CropBatchSampler(IndexBatchSampler):
@@ -125,6 +179,13 @@ class CropBatchSampler(IndexBatchSampler):
             return np.stack([order, np.full_like(order, CENTRED)], axis=1)
         draws = torch.randint(0, _DRAW_RANGE, (self.n,), generator=self.generator).numpy()
         return np.stack([order, draws], axis=1)
+
+
+def default_crop_workers(cached: bool, cuda: bool) -> int:
+    """Loader processes for crops when the config says ``null``: none when crops are slices of an audio cache
+    and training runs on the CPU (a worker's batch crosses processes as a copy, which costs more than slicing
+    it here: the CPU has no idle cores to give), 2 otherwise (files to decode, or a GPU leaving cores idle)."""
+    return 0 if cached and not cuda else 2
 
 
 def crop_loader(
@@ -164,6 +225,8 @@ def _build_datamodule_class() -> type:
             num_workers: loading processes.
             seed: seeds the order and offsets.
             max_val_crops: validation utterances used (the first ones of the split); None: all.
+            cache: an audio cache at ``sample_rate`` to crop from (utterances it left out as bad are left out
+                here too); None: read and resample each crop's span from its file.
         """
 
         def __init__(
@@ -175,14 +238,19 @@ def _build_datamodule_class() -> type:
             num_workers: int = 0,
             seed: int = 0,
             max_val_crops: int | None = None,
+            cache: AudioCache | None = None,
         ) -> None:
             super().__init__()
             if crop_seconds <= 0:
                 raise ValueError(f"crop_seconds must be positive, got {crop_seconds}")
             self.crop_samples = int(round(crop_seconds * sample_rate))
-            self.train = AudioCrops(splits["train"], sample_rate, self.crop_samples)
-            val = list(splits.get("val") or [])[: max_val_crops if max_val_crops is not None else None]
-            self.val = AudioCrops(val, sample_rate, self.crop_samples) if val else None
+
+            def usable(name: str) -> list[Utterance]:
+                return [u for u in splits.get(name) or [] if cache is None or u.utt_id in cache]
+
+            self.train = AudioCrops(usable("train"), sample_rate, self.crop_samples, cache)
+            val = usable("val")[: max_val_crops if max_val_crops is not None else None]
+            self.val = AudioCrops(val, sample_rate, self.crop_samples, cache) if val else None
             self.batch_size, self.num_workers, self.seed = int(batch_size), int(num_workers), int(seed)
 
         def train_dataloader(self) -> ResumableBatchLoader:
