@@ -260,3 +260,20 @@ def test_higher_sample_rates(speech: np.ndarray, sample_rate: int) -> None:
     assert stoi_score(ref_hi, est_hi, sample_rate) == pytest.approx(stoi(speech, noisy, SR), abs=1e-3)
     scores = audio_distances(ref_hi, est_hi, sample_rate)
     assert all(v is not None and math.isfinite(v) for v in scores.values())
+
+
+def test_the_reference_reconstruction_distances_match_torchaudio_and_numpy(speech: np.ndarray) -> None:
+    """``log_mel_l1`` is the reference study's mel distance (torchaudio's MelSpectrogram defaults, ln, floor
+    1e-5, L1); ``waveform_l1`` the mean absolute sample difference."""
+    import torch
+    import torchaudio
+
+    from latentdyn.diagnostics.audio_metrics import log_mel_l1, waveform_l1
+
+    noisy = _add_noise(speech, 10.0)
+    transform = torchaudio.transforms.MelSpectrogram(sample_rate=SR, n_fft=1024, hop_length=256, n_mels=80)
+    ref = torch.log(transform(torch.tensor(speech, dtype=torch.float32)).clamp_min(1e-5))
+    est = torch.log(transform(torch.tensor(noisy, dtype=torch.float32)).clamp_min(1e-5))
+    assert log_mel_l1(speech, noisy, SR) == pytest.approx(float((ref - est).abs().mean()), rel=1e-4)
+    assert log_mel_l1(speech, speech, SR) == 0.0
+    assert waveform_l1(speech, noisy) == pytest.approx(float(np.mean(np.abs(speech - noisy))), rel=1e-9)

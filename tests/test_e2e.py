@@ -109,6 +109,8 @@ FASTER = {
     "exp1b_vmf_rollout": ["rollout.k_steps=2", "trainer.max_steps=6"],
     "exp3_rep_compare": ["horizons=[1]", "representations=[mel]"],
     "exp4_linear_readout": ["pca.dims=[4]", "horizons=[1]"],
+    # All four variants, each with one horizon and one scored utterance.
+    "exp5_betavae": ["horizons=[1]", "recon_eval.n_utterances=1"],
     "exp7_perceptual_rollout": ["rollout_lengths=[1,2]"],
     "tier1": ["horizons=[1]", "representations=[mel]"],
 }

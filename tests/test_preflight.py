@@ -123,6 +123,30 @@ def test_out_of_range_values_name_their_key(tmp_path: Path, override: str, messa
         check_values(cfg)
 
 
+def test_a_variant_must_be_one_of_the_experiments_variants(tmp_path: Path) -> None:
+    from latentdyn.tracking.preflight import check_variant
+
+    check_variant(compose_at(tmp_path, ["experiment=exp5_betavae", "variant=betavae_pred"], tmp_path / "run"))
+    cfg = compose_at(tmp_path, ["experiment=exp5_betavae", "variant=pred"], tmp_path / "run")
+    with pytest.raises(ConfigError, match="variant='pred': expected one of baseline_betavae, betavae_smooth"):
+        check_variant(cfg)
+
+
+def test_a_mandatory_value_left_unset_is_named_without_resolving_anything(tmp_path: Path) -> None:
+    from latentdyn.tracking.preflight import check_required
+
+    # logger.save_dir interpolates ${hydra:...}, which cannot resolve outside a Hydra job: not touched.
+    cfg = compose_at(tmp_path, ["experiment=exp1_vmf", "representation=betavae"], tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"representation.checkpoint has no value"):
+        check_required(cfg)
+    given = compose_at(
+        tmp_path,
+        ["experiment=exp1_vmf", "representation=betavae", "representation.checkpoint=x"],
+        tmp_path / "run",
+    )
+    check_required(given)
+
+
 def test_every_shipped_experiment_passes_its_own_checks(tmp_path: Path) -> None:
     from latentdyn.cli import available_experiments
 
@@ -136,13 +160,15 @@ def test_every_shipped_experiment_passes_its_own_checks(tmp_path: Path) -> None:
         ["experiment=exp1_vmf", "seed=abc"],
         ["experiment=exp1_vmf", "horizons=[]"],
         ["experiment=exp1_vmf", "run_id=../../escaped"],
+        ["experiment=exp5_betavae", "variant=betavae_smoth"],
+        ["experiment=exp1_vmf", "representation=betavae"],
     ],
 )
 def test_cli_refuses_bad_input_before_anything_starts(tmp_path: Path, args: list[str]) -> None:
     (tmp_path / "root").mkdir()
     proc = _cli(args, tmp_path / "root")
     assert proc.returncode != 0
-    key = args[1].split("=")[0]
+    key = {"representation": "representation.checkpoint"}.get(args[1].split("=")[0], args[1].split("=")[0])
     assert f"latentdyn: invalid config: {key}" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "root" / "outputs").exists()  # no run dir, no manifest line

@@ -258,6 +258,49 @@ def log_mel_distance(
     return float((db_ref - db_est).abs().mean())
 
 
+def waveform_l1(reference: np.ndarray | torch.Tensor, estimate: np.ndarray | torch.Tensor) -> float:
+    """Mean absolute sample difference of two signals (full scale 1): the reference study's ``l1``."""
+    ref, est = align(reference, estimate)
+    return float(np.mean(np.abs(ref - est)))
+
+
+def log_mel_l1(
+    reference: np.ndarray | torch.Tensor,
+    estimate: np.ndarray | torch.Tensor,
+    sample_rate: int,
+    n_mels: int = 80,
+    fft_size: int = 1024,
+    hop_size: int = 256,
+    floor: float = 1e-5,
+) -> float:
+    """The reference study's ``mel_distance``: mean ``|ln max(M_ref, 1e-5) - ln max(M_est, 1e-5)|`` in nats of
+    mel power ``M`` (torchaudio's ``MelSpectrogram`` defaults: Hann window of ``fft_size``, hop ``hop_size``,
+    centred frames with reflection padding, ``n_mels`` HTK-scale bands without normalisation, power 2).
+
+    Unlike :func:`log_mel_distance` the floor is absolute, so silence counts; kept for comparison with the
+    reference's reported numbers. 0 for identical signals.
+    """
+    sample_rate = _check_sample_rate(sample_rate)
+    ref, est = align(reference, estimate)
+    window = torch.hann_window(fft_size, dtype=torch.float64)
+    fbank = AF.melscale_fbanks(fft_size // 2 + 1, 0.0, sample_rate / 2, n_mels, sample_rate).to(torch.float64)
+
+    def log_mel(x: np.ndarray) -> torch.Tensor:
+        spec = torch.stft(
+            torch.from_numpy(x),
+            fft_size,
+            hop_size,
+            fft_size,
+            window,
+            center=True,
+            pad_mode="reflect",
+            return_complex=True,
+        )
+        return (fbank.T @ spec.abs().square()).clamp_min(floor).log()
+
+    return float((log_mel(ref) - log_mel(est)).abs().mean())
+
+
 def si_sdr(reference: np.ndarray | torch.Tensor, estimate: np.ndarray | torch.Tensor) -> float:
     """Scale-invariant signal-to-distortion ratio in dB (Le Roux et al. 2019).
 

@@ -32,7 +32,6 @@ which hold the bottleneck, the trained decoder copy, the predictor and the base'
 
 from __future__ import annotations
 
-import copy
 import logging
 import pickle
 import re
@@ -233,20 +232,22 @@ class BetaVAEModule(pl.LightningModule):
         base_rep = instantiate(dict(base))
         # Not a submodule: the frozen base stays out of state_dict and checkpoints (see _base_to_device).
         object.__setattr__(self, "base", base_rep)
-        decoder_fn = getattr(base_rep, "decoder_module", None)
-        decoder_net = decoder_fn() if callable(decoder_fn) else None
-        if reconstruction == "audio" and decoder_net is None:
+        has_decoder = callable(getattr(base_rep, "decoder_module", None))
+        if reconstruction == "audio" and not has_decoder:
             raise ValueError(
                 f"reconstruction=audio needs a base that decodes through a network; {base_rep.name} has none "
                 "(use reconstruction=latent or auto)"
             )
         self.reconstruction = (
-            reconstruction if reconstruction != "auto" else ("audio" if decoder_net is not None else "latent")
+            reconstruction if reconstruction != "auto" else ("audio" if has_decoder else "latent")
         )
-        decoder = None
-        if self.reconstruction == "audio":
-            decoder = copy.deepcopy(decoder_net).float().train()
-            decoder.requires_grad_(True)
+        # ``decoder_module()`` returns the base's decoder as a network of its own (a copy): training it leaves
+        # the base codec's decoder, the reconstruction ceiling, unchanged.
+        decoder = (
+            base_rep.decoder_module().float().train().requires_grad_(True)
+            if self.reconstruction == "audio"
+            else None
+        )
         self.vae = BetaVAE(int(base_rep.dim), int(latent_dim), int(dec_hidden_dim), decoder)
         pred_cfg = {"window": 8, "hidden": 256, "lr": 1e-3, **dict(predictor or {})}
         self.pred_window = int(pred_cfg["window"])

@@ -21,17 +21,24 @@ log = logging.getLogger(__name__)
 
 
 def sub_config(
-    parent: DictConfig, experiment: str, tier: str, base: DictConfig | None = None, **values: Any
+    parent: DictConfig,
+    experiment: str,
+    tier: str,
+    base: DictConfig | None = None,
+    label: str | None = None,
+    **values: Any,
 ) -> DictConfig:
     """Config of a sub-run of ``experiment``: ``base`` (its own composed config) or else the parent's, with its
-    own name, tier, run id and run dir inside the parent's, plus ``values``."""
+    own name, tier, run id and run dir inside the parent's (``<run_dir>/<label>``, run id
+    ``<run_id>/<label>``; the label defaults to the experiment's name), plus ``values`` (dotted keys)."""
+    label = label or experiment
     # Unresolved, so that interpolations of run_dir / run_id (the logger's save_dir, ...) follow the sub-run.
     cfg = OmegaConf.create(OmegaConf.to_container(base if base is not None else parent, resolve=False))
     with open_dict(cfg):
         cfg.name = experiment
         cfg.tier = tier
-        cfg.run_dir = str(Path(parent.run_dir) / experiment)
-        cfg.run_id = f"{parent.run_id}/{experiment}"
+        cfg.run_dir = str(Path(parent.run_dir) / label)
+        cfg.run_id = f"{parent.run_id}/{label}"
         for key, value in values.items():
             OmegaConf.update(cfg, key, value, force_add=True)
     return cfg
@@ -43,10 +50,12 @@ def run_sub_experiment(
     pipeline: Callable[[DictConfig], Mapping[str, Any]],
     tier: str = "tier1",
     base: DictConfig | None = None,
+    label: str | None = None,
     **values: Any,
 ) -> tuple[DictConfig, dict[str, Any]]:
-    """Run ``pipeline`` as a tracked sub-run; returns its config and key metrics (exceptions propagate)."""
-    cfg = sub_config(parent, experiment, tier, base, **values)
+    """Run ``pipeline`` as a tracked sub-run (see :func:`sub_config`); returns its config and key metrics
+    (exceptions propagate)."""
+    cfg = sub_config(parent, experiment, tier, base, label, **values)
     log.info("sub-run %s -> %s", cfg.run_id, cfg.run_dir)
     with tracked_run(
         run_dir=Path(cfg.run_dir),

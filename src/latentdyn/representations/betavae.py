@@ -59,13 +59,15 @@ class BetaVAERepresentation(torch.nn.Module):
         self.dim = self.model.latent_dim
         self.sample_rate = int(base.sample_rate)
         self.frame_rate = float(base.frame_rate)
-        self.name = f"betavae{self.dim}-{base.name}"
+        variant = str(hp.get("variant", ""))
+        # The variant in the name keeps the four Exp 5 bottlenecks apart in provenance records and tables.
+        self.name = f"betavae{self.dim}-{base.name}" + (f"-{variant}" if variant else "")
         self.weights: dict[str, Any] = {
             "source": str(path.resolve()),
             "sha256": cached_sha256(path),
             "pretrained": bool(base.weights.get("pretrained", False)),
             "kind": "betavae",
-            "variant": str(hp.get("variant", "")),
+            "variant": variant,
             "latent_dim": self.dim,
             "reconstruction": self.model.reconstruction,
             "base": dict(base.weights),

@@ -280,8 +280,12 @@ class EncodecRepresentation(torch.nn.Module):
         return self.model.decoder(latents.to(device=self.device, dtype=torch.float32))
 
     def decoder_module(self) -> torch.nn.Module:
-        """The SEANet decoder (latents ``(B, 128, T)`` -> audio ``(B, 1, 320 T)``), sharing this model's weights."""
-        return self.model.decoder
+        """A trainable copy of the SEANet decoder (latents ``(B, 128, T)`` -> audio ``(B, 1, 320 T)``) with this
+        model's weights. Built anew and loaded from the state dict: the old-style weight norm's derived
+        ``weight`` tensors cannot be deep-copied."""
+        decoder = build_encodec_24khz(0).decoder
+        decoder.load_state_dict(self.model.decoder.state_dict())
+        return decoder.to(self.device).requires_grad_(True)
 
     def extra_repr(self) -> str:
         return (

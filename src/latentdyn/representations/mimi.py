@@ -31,6 +31,7 @@ used by autograd later, and latents feed trainable models downstream).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from typing import Any
@@ -70,7 +71,7 @@ class MimiDecoderPath(torch.nn.Module):
     Holds (references, until copied) the parts of a :class:`MimiModel` that decoding uses: the quantiser's
     projections (``pre_quantizer`` latents only), the upsampling to the encoder's frame rate, the decoder
     transformer and the SEANet decoder. ``copy.deepcopy`` of it copies those parts only, which is how the
-    β-VAE trains a decoder of its own (:mod:`latentdyn.models.betavae`).
+    β-VAE gets a decoder of its own to train (:meth:`MimiRepresentation.decoder_module`).
     """
 
     def __init__(self, model: MimiModel, latent_space: str) -> None:
@@ -222,8 +223,9 @@ class MimiRepresentation(torch.nn.Module):
         return self.synthesise(z)
 
     def decoder_module(self) -> MimiDecoderPath:
-        """The decoding network (latents in :attr:`latent_space` -> audio), sharing this model's weights."""
-        return MimiDecoderPath(self.model, self.latent_space)
+        """A trainable copy of the decoding network (latents in :attr:`latent_space` -> audio) with this model's
+        weights; training it leaves this representation's own decoder unchanged."""
+        return copy.deepcopy(MimiDecoderPath(self.model, self.latent_space)).requires_grad_(True)
 
     def extra_repr(self) -> str:
         return (

@@ -68,6 +68,10 @@ class RunTrackingCallback(Callback):
             )
         except ConfigError as exc:
             raise _stop(exc) from None
+        except Exception as exc:  # a check that could not run must not let an unchecked job start
+            raise SystemExit(
+                f"latentdyn: the config could not be checked: {type(exc).__name__}: {exc}"
+            ) from exc
         if claimed != "new":
             log.info("run_id=%s exists: %s", config.run_id, claimed)
 

@@ -178,7 +178,47 @@ RULES: Mapping[str, Callable[[str, Any], None]] = {
     "datamodule.slice": _one_of("all", "high_energy", "utterance_medial"),
     "datamodule.medial_range": _unit_interval_pair,
     "model.context": _positive_int,
+    "max_steps": _positive_int,
+    "phase1_max_steps": _positive_int,
+    "latent_dim": _positive_int,
 }
+
+
+def check_variant(cfg: DictConfig) -> None:
+    """``variant``, when set, names one of the experiment's ``variants``."""
+    variants, choice = cfg.get("variants"), cfg.get("variant")
+    if isinstance(variants, DictConfig) and choice is not None and str(choice) not in variants:
+        raise InvalidValue(
+            f"variant={choice!r}: expected one of {', '.join(map(str, variants))} (or no variant: all of them)"
+        )
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Every mandatory value (``???`` in a config file) is given."""
+    # Hydra's own node has run-time values (hydra.job.num) filled in later; interpolations are not resolved.
+    missing = [key for key in _missing_keys(cfg) if key.split(".")[0] != "hydra"]
+    if missing:
+        raise InvalidValue(
+            f"{missing[0]} has no value and needs one: add {missing[0]}=... to the command line "
+            "(its config file says what it takes)"
+        )
+
+
+def _missing_keys(node: DictConfig | ListConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of the literal ``???`` values under ``node``, without resolving any interpolation."""
+    found: list[str] = []
+    keys = range(len(node)) if isinstance(node, ListConfig) else list(node.keys())
+    for key in keys:
+        child = node._get_node(key)
+        name = f"{prefix}{key}"
+        if isinstance(child, DictConfig | ListConfig):
+            if not child._is_missing() and not child._is_none() and not child._is_interpolation():
+                found += _missing_keys(child, f"{name}.")
+            elif child._is_missing():
+                found.append(name)
+        elif child is not None and not child._is_interpolation() and child._is_missing():
+            found.append(name)
+    return found
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -219,9 +259,11 @@ def validate(cfg: DictConfig, baseline: DictConfig | None, keys: Iterable[str]) 
         check_run_id(cfg.get(key), key)
     if cfg.get("resume") and cfg.get("overwrite"):
         raise InvalidValue("resume=true and overwrite=true: choose one (continue the run, or replace it)")
+    check_required(cfg)
     if baseline is not None:
         check_types(cfg, baseline, keys)
     check_values(cfg)
+    check_variant(cfg)
 
 
 def describe_existing(run_dir: Path) -> str:

@@ -1,0 +1,209 @@
+"""Exp 5: can a learned bottleneck make latents easier to model autoregressively?
+
+Method (the reference study's Exp 5). A β-VAE (:mod:`latentdyn.models.betavae`) compresses the run's
+representation (the base: Mimi, EnCodec or log-mel) into ``latent_dim`` = 32 dimensions at the base's frame
+rate. Four variants differ only in the AR-friendliness weights added to ``recon + 0.01 KL``: none
+(``baseline_betavae``), smoothness 0.1 (``betavae_smooth``), predictability 0.01 (``betavae_pred``), both
+(``betavae_smooth_pred``). Each variant is trained on 4 s crops of the train speakers' audio (10k steps,
+AdamW 1e-4, batch 32), then the whole corpus is encoded with the posterior mean into a latent store, and the
+store gets Phase 1: the reference's MDN per horizon k = 1, 2, 4, 8 with the battery and the rollout block,
+and the injection diagnostic of the k = 1 model. Reconstruction is scored on eval speakers' utterances with
+the deterministic encoding, against the original audio and against the base codec's own reconstruction.
+
+Fixed here (the reference trained on its eval speakers' audio and scored a sampled reconstruction): only the
+train split's utterances are cropped for training, and reconstructions decode the posterior mean.
+
+Each variant runs as a tracked sub-run (``<run_dir>/<variant>/``: ``checkpoints/betavae_final.ckpt``,
+``phase1/`` with ``metrics.json``, ``tables.csv``, ``injection_diag.json`` and plots, ``recon_metrics.json``,
+``samples/``); the run writes ``summary.csv`` (one row per variant) and ``metrics.json``. With
+``resume=true`` completed variants are skipped and their metrics carried over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from latentdyn.pipeline.betavae import (
+    COMPARISONS,
+    RECON_KEYS,
+    betavae_store,
+    reconstruction_metrics,
+    train_betavae,
+)
+from latentdyn.pipeline.common import write_csv_rows
+from latentdyn.pipeline.composite import run_sub_experiment
+from latentdyn.pipeline.phase1 import run_phase1
+from latentdyn.tracking.manifest import iter_records
+from latentdyn.tracking.results import summarize_runs
+from latentdyn.tracking.run import METRICS_NAME, write_json
+
+log = logging.getLogger(__name__)
+
+RECON_NAME = "recon_metrics.json"
+#: Injection summaries per mode in summary.csv, as {mode}_{summary}.
+INJECTION_COLUMNS = ("dnll", "cos", "state_err")
+#: Per-variant entries that go to the results table of the parent run (the reference's two).
+KEY_COLUMNS = ("best_dnll", "recon_mel_l1")
+#: A variant's own results-table entries (see :func:`table_metrics`).
+VARIANT_KEYS = ("dnll", "cos")
+INJECTION_KEYS = ("dnll", "cos", "state_err_at_K")
+RECON_TABLE_KEYS = ("mel_l1", "mrstft", "si_sdr", "stoi", "pesq_wb")
+
+
+def variant_names(cfg: DictConfig) -> list[str]:
+    """The variants this run trains: ``variant`` when set (one of ``variants``), else all of them."""
+    names = [str(n) for n in cfg.variants]
+    if cfg.variant is None:
+        return names
+    if str(cfg.variant) not in names:
+        raise ValueError(f"variant={cfg.variant!r} is not one of {names}")
+    return [str(cfg.variant)]
+
+
+def run_variant(cfg: DictConfig) -> dict[str, float]:
+    """One variant: train the β-VAE, encode the corpus with it, Phase 1 on its latents, score reconstructions."""
+    from latentdyn.models.training import job_logger
+    from latentdyn.representations.extract import resolve_device
+
+    run_dir = Path(cfg.run_dir)
+    with job_logger(cfg) as logger:
+        model, checkpoint = train_betavae(cfg, logger)
+        store = betavae_store(cfg, checkpoint)
+        metrics = run_phase1(
+            cfg, store, run_dir / "phase1", logger, label=f"{cfg.vae.variant} {store.meta['representation']}"
+        )
+    recon_cfg = cfg.recon_eval
+    model.to(resolve_device(cfg.extract.device))
+    recon = reconstruction_metrics(
+        cfg,
+        model,
+        run_dir,
+        n_utterances=int(recon_cfg.n_utterances),
+        max_seconds=float(recon_cfg.max_seconds),
+        n_samples=int(recon_cfg.n_samples),
+    )
+    write_json(run_dir / RECON_NAME, recon)
+    for comparison, _, _ in COMPARISONS:
+        for key in RECON_KEYS:
+            value = recon[comparison][key]["mean"]
+            if value is not None:
+                metrics[f"recon/{comparison}/{key}"] = float(value)
+    details = {
+        "checkpoint": str(checkpoint),
+        "latent_store": str(store.root),
+        "variant": str(cfg.vae.variant),
+    }
+    write_json(run_dir / METRICS_NAME, {"key_metrics": metrics, **details})
+    return table_metrics(metrics)
+
+
+def table_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """A variant's results-table entries (its ``metrics.json`` has every one): per horizon ``k{k}/dnll`` and
+    ``cos``, per injection mode ``dnll``, ``cos`` and ``state_err_at_K``, and the distances of the β-VAE's
+    reconstruction to the original (``recon/vs_original/*``) with the ceiling's ``mel_l1``."""
+    keep = {f"recon/vs_original/{k}" for k in RECON_TABLE_KEYS} | {"recon/base_codec_vs_original/mel_l1"}
+    out = {}
+    for key, value in metrics.items():
+        head, _, tail = key.rpartition("/")
+        horizon = head.startswith("k") and head[1:].isdigit() and tail in VARIANT_KEYS
+        injection = "_" in head and "/" not in head and tail in INJECTION_KEYS
+        if horizon or injection or key in keep:
+            out[key] = value
+    return out
+
+
+def variant_metrics(cfg: DictConfig, name: str) -> dict[str, float]:
+    """Every key metric of a completed variant sub-run (its ``metrics.json``), for the summary."""
+    path = Path(cfg.run_dir) / name / METRICS_NAME
+    return dict(json.loads(path.read_text())["key_metrics"])
+
+
+def summary_row(cfg: DictConfig, name: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """One ``summary.csv`` row from a variant's key metrics: its weights, Phase 1 ``dnll`` (and ``cos``) per
+    horizon with the reference's ``best_dnll`` (the lowest), the injection summaries per mode, and the
+    reconstruction distances (``recon_*`` vs the original, ``recon_vs_base_*``, ``base_codec_*`` the ceiling)."""
+    params = cfg.variants[name]
+    row: dict[str, Any] = {
+        "variant": name,
+        "beta": float(params.beta),
+        "lambda_smooth": float(params.lambda_smooth),
+        "lambda_pred": float(params.lambda_pred),
+        "latent_dim": int(cfg.latent_dim),
+    }
+    dnlls = []
+    for k in (int(h) for h in cfg.horizons):
+        for m in ("dnll", "cos"):
+            row[f"k{k}_{m}"] = metrics.get(f"k{k}/{m}", math.nan)
+        dnlls.append(row[f"k{k}_dnll"])
+    finite = [v for v in dnlls if math.isfinite(v)]
+    row["best_dnll"] = min(finite) if finite else math.nan
+    modes = sorted({key.split("/")[0] for key in metrics if key.endswith("/state_err_at_K")})
+    for mode in modes:
+        for m in INJECTION_COLUMNS:
+            row[f"{mode}_{m}"] = metrics.get(f"{mode}/{m}", math.nan)
+    for comparison, column in (
+        ("vs_original", "recon"),
+        ("vs_base_codec", "recon_vs_base"),
+        ("base_codec_vs_original", "base_codec"),
+    ):
+        for key in RECON_KEYS:
+            row[f"{column}_{key}"] = metrics.get(f"recon/{comparison}/{key}", math.nan)
+    return row
+
+
+def completed_variants(cfg: DictConfig) -> set[str]:
+    """Run ids of this run's variant sub-runs that completed (for ``resume``)."""
+    runs = summarize_runs(iter_records(Path(cfg.paths.manifest)))
+    return {r.run_id for r in runs if r.status == "completed" and r.run_id.startswith(f"{cfg.run_id}/")}
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train, encode, diagnose and score every chosen variant as a sub-run; write ``summary.csv``."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    names = variant_names(cfg)
+    done = completed_variants(cfg) if cfg.resume else set()
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        params = cfg.variants[name]
+        if f"{cfg.run_id}/{name}" in done:
+            log.info("resume: variant %s already completed, skipped (its outputs kept)", name)
+        else:
+            log.info(
+                "variant %s: beta=%g lambda_smooth=%g lambda_pred=%g",
+                name,
+                params.beta,
+                params.lambda_smooth,
+                params.lambda_pred,
+            )
+            run_sub_experiment(
+                cfg,
+                str(cfg.name),
+                run_variant,
+                tier=str(cfg.tier),
+                label=name,
+                **{
+                    "vae.variant": name,
+                    "vae.beta": float(params.beta),
+                    "vae.lambda_smooth": float(params.lambda_smooth),
+                    "vae.lambda_pred": float(params.lambda_pred),
+                    "variant": name,
+                },
+            )
+        rows.append(summary_row(cfg, name, variant_metrics(cfg, name)))
+    write_csv_rows(rows, run_dir / "summary.csv")
+    key = {
+        f"{row['variant']}/{column}": float(row[column])
+        for row in rows
+        for column in KEY_COLUMNS
+        if column in row and math.isfinite(float(row[column]))
+    }
+    write_json(run_dir / METRICS_NAME, {"key_metrics": key, "summary": rows, "variants": names})
+    log.info("summary: %s", run_dir / "summary.csv")
+    return key

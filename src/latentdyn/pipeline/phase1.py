@@ -1,0 +1,68 @@
+"""The reference's Phase 1 on one latent store, written to one directory: a dynamics model per horizon with
+the battery (and the rollout block), then the injection diagnostic of the k = 1 model. Exp 5 and Exp 9 run
+it on each learned representation's store."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, open_dict
+
+from latentdyn.data.latent_store import LatentStore
+from latentdyn.diagnostics.battery import write_battery_table
+from latentdyn.diagnostics.plots import figure_title
+from latentdyn.pipeline.injection import injection_diagnostic, rollout_gap
+from latentdyn.pipeline.train import KEY_METRICS, model_battery, train_horizon
+from latentdyn.tracking.run import METRICS_NAME, write_json
+
+log = logging.getLogger(__name__)
+
+
+def phase1_config(cfg: DictConfig, out_dir: Path) -> DictConfig:
+    """``cfg`` with its outputs (checkpoints, logs) under ``out_dir``; the fits take ``cfg.trainer``."""
+    p_cfg = cfg.copy()
+    with open_dict(p_cfg):
+        p_cfg.run_dir = str(out_dir)
+    return p_cfg
+
+
+def run_phase1(cfg: DictConfig, store: LatentStore, out_dir: Path, logger: Any, label: str) -> dict[str, Any]:
+    """Phase 1 of ``store`` into ``out_dir``: ``checkpoints/``, ``tables.csv`` (every battery row),
+    ``injection_diag.json`` with ``per_step.csv`` and the injection plots, and ``metrics.json``.
+
+    Returns the flat metrics: per horizon ``k{k}/{nll,dnll,cos,...}`` of the model on the training slice (and
+    ``k{k}/rollout_gap_nll`` with the rollout block), and ``{mode}/{dnll,cos,mag_ratio,state_err,...}`` of the
+    injection diagnostic. ``label`` names the latents in plot titles.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    p_cfg = phase1_config(cfg, out_dir)
+    rows: list[dict[str, Any]] = []
+    metrics: dict[str, float] = {}
+    details: dict[str, Any] = {"latent_store": str(store.root), "horizons": {}}
+    models: dict[int, Any] = {}
+    for k in (int(h) for h in p_cfg.horizons):
+        model, ckpt, fit = train_horizon(p_cfg, store, k, logger)
+        models[k] = model
+        k_rows = model_battery(p_cfg, model, store)
+        rows += k_rows
+        details["horizons"][f"k{k}"] = {"checkpoint": str(ckpt), "fit": fit}
+        for row in k_rows:
+            if row["slice"] == p_cfg.datamodule.slice and row["predictor"] == "model":
+                metrics.update({f"k{k}/{m}": float(row[m]) for m in KEY_METRICS if math.isfinite(row[m])})
+        if p_cfg.get("rollout_gap") is not None and p_cfg.rollout_gap.enabled:
+            gap = rollout_gap(model.net, store, p_cfg.diagnostic, int(p_cfg.rollout_gap.n_utterances))
+            details["horizons"][f"k{k}"]["rollout_gap"] = gap
+            metrics[f"k{k}/rollout_gap_nll"] = gap["gap_nll"]
+    write_battery_table(rows, out_dir)
+    one_frame = models[1] if 1 in models else train_horizon(p_cfg, store, 1, logger)[0]
+    result = injection_diagnostic(one_frame.net, store, p_cfg.diagnostic)
+    title = figure_title(cfg.name, cfg.run_id, horizon=1, extra=f"injection · {label} ({store.dim} dims)")
+    result.write(out_dir, frame_rate=store.frame_rate, title=title)
+    metrics.update(result.to_metrics())
+    write_json(out_dir / METRICS_NAME, {"key_metrics": metrics, **details, "battery": rows})
+    log.info("Phase 1 of %s: %s", label, out_dir)
+    return metrics
