@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentdyn.models.dynamics import CONFIG_KEY, DynamicsModel, load_dynamics, plain_data
+from latentdyn.models.checkpoints import CONFIG_KEY, plain_data
+from latentdyn.models.dynamics import DynamicsModel, load_dynamics
 
 BACKBONE = {"_target_": "latentdyn.models.backbones.MLPBackbone", "hidden": 8, "layers": 1}
 HEAD = {"_target_": "latentdyn.models.heads.GaussianMDNHead", "n_components": 2}

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from latentdyn.experiments import exp1_vmf, exp2_injection
-from latentdyn.models.dynamics import CONFIG_KEY, load_dynamics
+from latentdyn.models.checkpoints import CONFIG_KEY
+from latentdyn.models.dynamics import load_dynamics
 from latentdyn.tracking.lookup import resolve_checkpoint
 from latentdyn.tracking.manifest import append_record
 

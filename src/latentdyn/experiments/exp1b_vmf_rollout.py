@@ -160,7 +160,7 @@ def check_same_source(checkpoint: Path, source: Path) -> None:
     """Refuse to continue a fine-tuning of another source: ``checkpoint`` (this run's periodic or final
     fine-tuning checkpoint) must record ``source`` as its source (``checkpoint=latest`` may name a newer
     Exp 1 run by the time a run resumes)."""
-    from latentdyn.models.dynamics import CONFIG_KEY
+    from latentdyn.models.checkpoints import CONFIG_KEY
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     recorded = (state.get(CONFIG_KEY) or {}).get("source", {}).get("checkpoint")

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentdyn.models.dynamics import CONFIG_KEY, plain_data
+from latentdyn.models.checkpoints import EmbedsRunConfig, refusing_to_load
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,6 @@ STFT_SIZES: tuple[int, ...] = (256, 512, 1024, 2048)
 LOG_MAGNITUDE_FLOOR = 1e-5
 #: ``reconstruction`` choices.
 RECONSTRUCTIONS = ("auto", "audio", "latent")
-_PLAIN_ENTRIES = ("hyper_parameters", CONFIG_KEY)
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -187,7 +185,7 @@ class BetaVAE(nn.Module):
         return self.decoder(h)
 
 
-class BetaVAEModule(pl.LightningModule):
+class BetaVAEModule(EmbedsRunConfig, pl.LightningModule):
     """Trains a :class:`BetaVAE` on audio crops ``(B, 1, S)`` over a frozen base representation.
 
     Args:
@@ -352,15 +350,6 @@ class BetaVAEModule(pl.LightningModule):
         for group in optimizer.param_groups:
             torch.nn.utils.clip_grad_norm_(group["params"], float(gradient_clip_val))
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CONFIG_KEY] = self.run_config
-        for entry in _PLAIN_ENTRIES:
-            if entry in checkpoint:
-                checkpoint[entry] = plain_data(checkpoint[entry])
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.run_config = dict(checkpoint.get(CONFIG_KEY) or {})
-
 
 def load_betavae(path: str | Path, map_location: str | torch.device = "cpu") -> BetaVAEModule:
     """A trained :class:`BetaVAEModule` from its checkpoint, in eval mode (the base is rebuilt from the
@@ -378,11 +367,7 @@ def load_betavae(path: str | Path, map_location: str | torch.device = "cpu") -> 
     try:
         header = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
-        named = re.search(r"GLOBAL (\S+)", str(exc))
-        what = f" (it names {named.group(1)})" if named else ""
-        raise ValueError(
-            f"refusing to load {path}: it holds Python objects other than tensors and plain data{what}"
-        ) from None
+        raise refusing_to_load(path, exc) from None
     if "base" not in (header.get("hyper_parameters") or {}):
         raise ValueError(f"{path} is not a β-VAE checkpoint (no base representation recorded)")
     del header

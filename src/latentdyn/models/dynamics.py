@@ -9,9 +9,7 @@ config of the run that produced them.
 from __future__ import annotations
 
 import math
-import pathlib
 import pickle
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,41 +17,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from latentdyn.models.checkpoints import LEGACY_SAFE_GLOBALS, EmbedsRunConfig, refusing_to_load
 from latentdyn.models.net import DynamicsNet
 from latentdyn.models.protocol import DeltaPredictive
 
-CONFIG_KEY = "latentdyn_config"
 
-# Checkpoint entries holding configs; saved as plain data so that loading needs no pickled classes.
-_PLAIN_ENTRIES = ("hyper_parameters", "datamodule_hyper_parameters", CONFIG_KEY)
-# Classes a checkpoint written before the entries were plain data may hold; rebuilding a path from its
-# parts runs no code.
-_LEGACY_SAFE_GLOBALS = [
-    pathlib.PosixPath,
-    pathlib.WindowsPath,
-    pathlib.PurePosixPath,
-    pathlib.PureWindowsPath,
-]
-
-
-def plain_data(obj: Any) -> Any:
-    """``obj`` with every mapping, sequence and path turned into dicts, lists and strings (recursively).
-
-    What ``torch.load(weights_only=True)`` accepts besides tensors: a checkpoint of plain data cannot run
-    code when it is loaded.
-    """
-    if isinstance(obj, Mapping):
-        return {str(k) if not isinstance(k, int | str) else k: plain_data(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [plain_data(v) for v in obj]
-    if isinstance(obj, pathlib.PurePath):
-        return str(obj)
-    if obj is None or isinstance(obj, bool | int | float | str | torch.Tensor):
-        return obj
-    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint as plain data: {obj!r}")
-
-
-class DynamicsModel(pl.LightningModule):
+class DynamicsModel(EmbedsRunConfig, pl.LightningModule):
     """Trains a :class:`DynamicsNet` by maximum likelihood of the standardised delta.
 
     The loss and every logged NLL are per dimension (nats / D), comparable across heads and representations.
@@ -151,15 +120,6 @@ class DynamicsModel(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CONFIG_KEY] = self.run_config
-        for entry in _PLAIN_ENTRIES:
-            if entry in checkpoint:
-                checkpoint[entry] = plain_data(checkpoint[entry])
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.run_config = dict(checkpoint.get(CONFIG_KEY) or {})
-
 
 def load_dynamics(path: str | Path, map_location: str | torch.device = "cpu") -> DynamicsModel:
     """Load a dynamics checkpoint (with its embedded run config) in eval mode.
@@ -174,14 +134,8 @@ def load_dynamics(path: str | Path, map_location: str | torch.device = "cpu") ->
     if not path.is_file():
         raise FileNotFoundError(f"dynamics checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals(_LEGACY_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(LEGACY_SAFE_GLOBALS):
             model = DynamicsModel.load_from_checkpoint(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        named = re.search(r"GLOBAL (\S+)", str(exc))
-        what = f" (it names {named.group(1)})" if named else ""
-        raise ValueError(
-            f"refusing to load {path}: it holds Python objects other than tensors and plain data{what}, "
-            "which could run code when unpickled. latentdyn writes checkpoints that load with "
-            "torch.load(weights_only=True); pass a checkpoint written by a latentdyn run."
-        ) from None
+        raise refusing_to_load(path, exc) from None
     return model.eval()

@@ -1,0 +1,73 @@
+"""Checkpoint conventions shared by every latentdyn LightningModule.
+
+A checkpoint embeds the resolved config of the run that wrote it (under :data:`CONFIG_KEY`) and holds only
+tensors and plain data (:func:`plain_data`), so it loads with ``torch.load(weights_only=True)`` and a crafted
+file cannot run code (:func:`refusing_to_load`).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CONFIG_KEY = "latentdyn_config"
+
+# Checkpoint entries holding configs; saved as plain data so that loading needs no pickled classes.
+PLAIN_ENTRIES = ("hyper_parameters", "datamodule_hyper_parameters", CONFIG_KEY)
+# Classes a checkpoint written before the entries were plain data may hold; rebuilding a path from its
+# parts runs no code.
+LEGACY_SAFE_GLOBALS = [
+    pathlib.PosixPath,
+    pathlib.WindowsPath,
+    pathlib.PurePosixPath,
+    pathlib.PureWindowsPath,
+]
+
+
+def plain_data(obj: Any) -> Any:
+    """``obj`` with every mapping, sequence and path turned into dicts, lists and strings (recursively).
+
+    What ``torch.load(weights_only=True)`` accepts besides tensors: a checkpoint of plain data cannot run
+    code when it is loaded.
+    """
+    if isinstance(obj, Mapping):
+        return {str(k) if not isinstance(k, int | str) else k: plain_data(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [plain_data(v) for v in obj]
+    if isinstance(obj, pathlib.PurePath):
+        return str(obj)
+    if obj is None or isinstance(obj, bool | int | float | str | torch.Tensor):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint as plain data: {obj!r}")
+
+
+class EmbedsRunConfig:
+    """LightningModule mixin: checkpoints carry ``self.run_config`` and only plain data in their config entries."""
+
+    run_config: dict[str, Any]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CONFIG_KEY] = self.run_config
+        for entry in PLAIN_ENTRIES:
+            if entry in checkpoint:
+                checkpoint[entry] = plain_data(checkpoint[entry])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.run_config = dict(checkpoint.get(CONFIG_KEY) or {})
+
+
+def refusing_to_load(path: Path, exc: pickle.UnpicklingError) -> ValueError:
+    """The error for a checkpoint ``torch.load(weights_only=True)`` refused: it names the Python object."""
+    named = re.search(r"GLOBAL (\S+)", str(exc))
+    what = f" (it names {named.group(1)})" if named else ""
+    return ValueError(
+        f"refusing to load {path}: it holds Python objects other than tensors and plain data{what}, "
+        "which could run code when unpickled. latentdyn writes checkpoints that load with "
+        "torch.load(weights_only=True); pass a checkpoint written by a latentdyn run."
+    )
