@@ -215,10 +215,13 @@ def test_the_vae_trains_on_train_speakers_only(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_exp5_one_variant_then_exp1_on_its_latents(tmp_path: Path) -> None:
-    run_cli(
+    proc = run_cli(
         ["experiment=exp5_betavae", "debug=smoke", "variant=betavae_smooth", "horizons=[1,2]", "run_id=v"],
         tmp_path,
     )
+    # The run ends with the command that trains on this variant's latents (run below).
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.endswith("representation.checkpoint=latest:exp5_betavae/betavae_smooth")
     run_dir = tmp_path / "outputs" / "tier2" / "exp5_betavae" / "v"
     var_dir = run_dir / "betavae_smooth"
     for name in ("metrics.json", "tables.csv", "injection_diag.json", "injection_dnll.png", "per_step.csv"):

@@ -29,11 +29,17 @@ def utc_stamp() -> str:
     return _PROCESS_STAMP
 
 
+def or_default(value: object, default: object) -> object:
+    """``value`` unless it is null, else ``default`` (``${latentdyn.or_default:${variant},betavae_smooth}``)."""
+    return default if value is None else value
+
+
 def register_resolvers() -> None:
     """Register latentdyn's OmegaConf resolvers (idempotent)."""
     resolvers = {
         "latentdyn.utc_stamp": utc_stamp,
         "latentdyn.cwd": os.getcwd,
+        "latentdyn.or_default": or_default,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
