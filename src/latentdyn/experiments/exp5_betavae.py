@@ -75,9 +75,7 @@ def run_variant(cfg: DictConfig) -> dict[str, float]:
     with job_logger(cfg) as logger:
         model, checkpoint = train_betavae(cfg, logger)
         store = betavae_store(cfg, checkpoint)
-        metrics = run_phase1(
-            cfg, store, run_dir / "phase1", logger, label=f"{cfg.vae.variant} {store.meta['representation']}"
-        )
+        metrics = run_phase1(cfg, store, run_dir / "phase1", logger, label=str(store.meta["representation"]))
     recon_cfg = cfg.recon_eval
     model.to(resolve_device(cfg.extract.device))
     recon = reconstruction_metrics(
