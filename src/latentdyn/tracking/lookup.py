@@ -29,8 +29,9 @@ def latest_run_dir(manifest: Path, experiment: str) -> Path:
 
 def resolve_checkpoint(value: str, manifest: Path, experiment: str, patterns: str | Sequence[str]) -> Path:
     """A checkpoint path from ``value``: a file path, a run directory, ``latest`` (newest completed run of
-    ``experiment``), ``latest:EXPERIMENT`` or ``latest:EXPERIMENT/SUB_RUN`` (see :func:`latest_run_dir`). In a run directory, the first of ``patterns`` that matches
-    exactly one file under ``checkpoints/`` names the checkpoint.
+    ``experiment``), ``latest:EXPERIMENT`` or ``latest:EXPERIMENT/SUB_RUN`` (see :func:`latest_run_dir`). In a
+    run directory, the first of ``patterns`` that matches exactly one file under ``checkpoints/`` names the
+    checkpoint.
     """
     if value == "latest" or value.startswith("latest:"):
         source = value.split(":", 1)[1] if ":" in value else experiment
