@@ -282,21 +282,10 @@ def log_mel_l1(
     """
     sample_rate = _check_sample_rate(sample_rate)
     ref, est = align(reference, estimate)
-    window = torch.hann_window(fft_size, dtype=torch.float64)
     fbank = AF.melscale_fbanks(fft_size // 2 + 1, 0.0, sample_rate / 2, n_mels, sample_rate).to(torch.float64)
 
     def log_mel(x: np.ndarray) -> torch.Tensor:
-        spec = torch.stft(
-            torch.from_numpy(x),
-            fft_size,
-            hop_size,
-            fft_size,
-            window,
-            center=True,
-            pad_mode="reflect",
-            return_complex=True,
-        )
-        return (fbank.T @ spec.abs().square()).clamp_min(floor).log()
+        return (fbank.T @ _power_spectrogram(x, fft_size, hop_size, fft_size)).clamp_min(floor).log()
 
     return float((log_mel(ref) - log_mel(est)).abs().mean())
 

@@ -18,7 +18,7 @@ from latentdyn.data.audio_cache import AudioCache
 from latentdyn.data.corpus import Utterance
 from latentdyn.data.latent_store import LatentStore
 from latentdyn.diagnostics.audio_io import objective_distances, write_listening_wav
-from latentdyn.diagnostics.audio_metrics import AUDIO_METRIC_KEYS, log_mel_l1, waveform_l1
+from latentdyn.diagnostics.audio_metrics import AUDIO_METRIC_KEYS, align, log_mel_l1, waveform_l1
 from latentdyn.pipeline.common import checkpoint_dir, plain
 from latentdyn.pipeline.store import prepare_latent_store, prepare_splits, splits_spec
 from latentdyn.tracking.run import record_weights
@@ -194,12 +194,9 @@ def _signals(model: Any, utt: Utterance) -> dict[str, torch.Tensor]:
 def _distances(
     reference: torch.Tensor, estimate: torch.Tensor, rate: int, hop: int
 ) -> dict[str, float | None]:
-    n = min(len(reference), len(estimate))
-    if abs(len(reference) - len(estimate)) > hop:
-        raise ValueError(
-            f"decoded audio has {len(estimate)} samples for {len(reference)}: more than one frame off"
-        )
-    ref, est = reference[:n], estimate[:n]
+    """:data:`RECON_KEYS` of a decoded signal against its reference; their lengths may differ by up to one frame
+    (``hop`` samples: a codec pads the last frame, log-mel drops a partial one) and the common prefix is scored."""
+    ref, est = align(reference, estimate, rtol=0.0, atol=hop)
     return {
         "l1": waveform_l1(ref, est),
         "mel_l1": log_mel_l1(ref, est, rate),
