@@ -149,12 +149,13 @@ def resample(wave: torch.Tensor, orig_sr: int, target_sr: int, *, pad_to_second:
     return out[..., : math.ceil(n * target_sr / orig_sr)]
 
 
-def _read(path: Path) -> tuple[np.ndarray, int]:
-    """Read ``path`` as ``(frames, channels)`` float32 and its sample rate, or raise BadAudioError."""
+def read_frames(path: Path, start: int = 0, frames: int = -1) -> tuple[np.ndarray, int]:
+    """Read ``frames`` frames from ``start`` (default: all) of ``path`` as ``(frames, channels)`` float32 and
+    its sample rate, or raise BadAudioError. Unvalidated samples: :func:`load_audio` checks them."""
     if not path.is_file():
         raise BadAudioError(path, "no such file" if not path.exists() else "not a regular file")
     try:
-        data, sample_rate = sf.read(path, dtype="float32", always_2d=True)
+        data, sample_rate = sf.read(path, start=start, frames=frames, dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, OSError, ValueError) as err:
         raise BadAudioError(path, f"unreadable ({err})") from err
     return data, int(sample_rate)
@@ -178,7 +179,7 @@ def load_audio(path: str | Path, target_sample_rate: int) -> torch.Tensor:
     if target_sample_rate <= 0:
         raise ValueError(f"target_sample_rate must be positive, got {target_sample_rate}")
     path = Path(path)
-    data, sample_rate = _read(path)
+    data, sample_rate = read_frames(path)
     if data.shape[0] == 0 or data.shape[1] == 0:
         raise BadAudioError(path, "empty (0 samples)")
     finite = np.isfinite(data)

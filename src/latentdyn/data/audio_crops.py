@@ -3,8 +3,9 @@ VAE-GAN of Exp 9).
 
 Each epoch visits every utterance of the split once, in a fresh seeded order, and takes one crop of
 ``crop_samples`` samples from it at a seeded random offset; an utterance shorter than that is zero-padded at
-the end (the reference study's rule). Only the crop's span is read from disk (plus a margin for the
-resampler), so loading costs the crop, not the utterance. The order and offsets come from one generator
+the end (the reference study's rule). A crop is a slice of an audio cache (:mod:`latentdyn.data.audio_cache`,
+the utterances decoded once at the model's rate) or, without one, only the crop's span is read from disk
+(plus a margin for the resampler), so loading costs the crop, not the utterance. The order and offsets come from one generator
 (:class:`CropBatchSampler`), so a killed training resumes mid-epoch on exactly the crops it would have seen
 (:class:`~latentdyn.data.windows.ResumableBatchLoader`). Validation crops are fixed: the middle of each
 utterance.
@@ -15,14 +16,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
 from torch.utils.data import Dataset
 
-from latentdyn.data.audio import BadAudioError, load_audio, resample
+from latentdyn.data.audio import BadAudioError, load_audio, read_frames, resample
 from latentdyn.data.audio_cache import AudioCache
 from latentdyn.data.corpus import Utterance
 from latentdyn.data.windows import IndexBatchSampler, ResumableBatchLoader
@@ -154,10 +155,7 @@ class AudioCrops(Dataset):
 
     @staticmethod
     def _read_frames(utt: Utterance, start: int, frames: int) -> torch.Tensor:
-        try:
-            data, _ = sf.read(utt.path, start=start, frames=frames, dtype="float32", always_2d=True)
-        except (sf.SoundFileError, RuntimeError, OSError, ValueError) as err:
-            raise BadAudioError(utt.path, f"unreadable ({err})") from err
+        data, _ = read_frames(Path(utt.path), start, frames)
         if data.shape[1] == 0 or not np.isfinite(data).all():
             load_audio(utt.path, utt.sample_rate)  # raises the precise reason
             raise BadAudioError(utt.path, "non-finite samples")
