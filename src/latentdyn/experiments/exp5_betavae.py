@@ -37,10 +37,8 @@ from latentdyn.pipeline.betavae import (
     train_betavae,
 )
 from latentdyn.pipeline.common import write_csv_rows
-from latentdyn.pipeline.composite import run_sub_experiment
+from latentdyn.pipeline.composite import completed_runs, run_sub_experiment
 from latentdyn.pipeline.phase1 import run_phase1
-from latentdyn.tracking.manifest import iter_records
-from latentdyn.tracking.results import summarize_runs
 from latentdyn.tracking.run import METRICS_NAME, write_json
 
 log = logging.getLogger(__name__)
@@ -155,18 +153,12 @@ def summary_row(cfg: DictConfig, name: str, metrics: dict[str, Any]) -> dict[str
     return row
 
 
-def completed_variants(cfg: DictConfig) -> set[str]:
-    """Run ids of this run's variant sub-runs that completed (for ``resume``)."""
-    runs = summarize_runs(iter_records(Path(cfg.paths.manifest)))
-    return {r.run_id for r in runs if r.status == "completed" and r.run_id.startswith(f"{cfg.run_id}/")}
-
-
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train, encode, diagnose and score every chosen variant as a sub-run; write ``summary.csv``."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     names = variant_names(cfg)
-    done = completed_variants(cfg) if cfg.resume else set()
+    done = completed_runs(Path(cfg.paths.manifest)) if cfg.resume else {}
     rows: list[dict[str, Any]] = []
     for name in names:
         params = cfg.variants[name]

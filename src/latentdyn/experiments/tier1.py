@@ -15,9 +15,12 @@ from typing import Any
 from hydra.utils import get_method
 from omegaconf import DictConfig
 
-from latentdyn.pipeline.composite import compose_experiment, inherited_overrides, run_sub_experiment
-from latentdyn.tracking.manifest import iter_records
-from latentdyn.tracking.results import summarize_runs
+from latentdyn.pipeline.composite import (
+    completed_runs,
+    compose_experiment,
+    inherited_overrides,
+    run_sub_experiment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +37,6 @@ OWN_KEYS = (
     "tier",
     "pipeline",
 )
-
-
-def completed_runs(manifest: Path) -> dict[str, dict[str, Any]]:
-    """Key metrics of the runs whose latest attempt completed, by run id."""
-    return {r.run_id: r.metrics for r in summarize_runs(iter_records(manifest)) if r.status == "completed"}
 
 
 def run(cfg: DictConfig) -> dict[str, float]:

@@ -70,6 +70,14 @@ def run_sub_experiment(
     return cfg, dict(run.result)
 
 
+def completed_runs(manifest: Path) -> dict[str, dict[str, Any]]:
+    """Key metrics of the runs whose latest attempt completed, by run id (what ``resume`` skips)."""
+    from latentdyn.tracking.manifest import iter_records
+    from latentdyn.tracking.results import summarize_runs
+
+    return {r.run_id: r.metrics for r in summarize_runs(iter_records(manifest)) if r.status == "completed"}
+
+
 def compose_app(overrides: Sequence[str]) -> DictConfig:
     """The app's config composed with ``overrides``, as the CLI would (inside a Hydra job or outside)."""
     from hydra import compose, initialize_config_dir
