@@ -249,6 +249,7 @@ class BetaVAEModule(EmbedsRunConfig, pl.LightningModule):
         self.vae = BetaVAE(int(base_rep.dim), int(latent_dim), int(dec_hidden_dim), decoder)
         pred_cfg = {"window": 8, "hidden": 256, "lr": 1e-3, **dict(predictor or {})}
         self.pred_window = int(pred_cfg["window"])
+        self.pred_lr = float(pred_cfg["lr"])
         self.predictor = (
             LatentPredictor(int(latent_dim), self.pred_window, int(pred_cfg["hidden"]))
             if lambda_pred > 0
@@ -334,8 +335,7 @@ class BetaVAEModule(EmbedsRunConfig, pl.LightningModule):
         opt = {"lr": 1e-4, "weight_decay": 1e-4, **dict(self.hparams.optimizer or {})}
         groups = [{"params": [p for p in self.vae.parameters() if p.requires_grad], "lr": float(opt["lr"])}]
         if self.predictor is not None:
-            pred_lr = float({"lr": 1e-3, **dict(self.hparams.predictor or {})}["lr"])
-            groups.append({"params": list(self.predictor.parameters()), "lr": pred_lr})
+            groups.append({"params": list(self.predictor.parameters()), "lr": self.pred_lr})
         return torch.optim.AdamW(groups, weight_decay=float(opt["weight_decay"]))
 
     def configure_gradient_clipping(
