@@ -55,6 +55,10 @@ RUNTIME_ARGS = {
     "save_dir": None,
     # The β-VAE's base representation (Exp 5 passes the run's `representation` node).
     "base": {"_target_": "latentdyn.representations.mel.MelRepresentation", "n_mels": 8},
+    # A correction's score function (Exp 6 passes its score model's): bound only, built in test_score_model.
+    "score": None,
+    # The score model's window (Exp 6 passes the dynamics model's W).
+    "context_frames": 3,
 }
 # Groups chosen for the whole config (`# @package _global_`): their targets are checked through the groups.
 GLOBAL_GROUPS = ("experiment", "hydra", "debug", "setup")

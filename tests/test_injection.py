@@ -136,7 +136,7 @@ def reference_loop(
     cfg: InjectionConfig,
     baseline,
     bank: torch.Tensor | None = None,
-    correction: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    correction: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     raw_scale: torch.Tensor | None = None,
 ) -> dict[str, np.ndarray]:
     """The reference's rollout (``src/phase1/injection_diag.py``), one mode and one start at a time -> (M, N, K).
@@ -183,7 +183,7 @@ def reference_loop(
                 out["state_err_raw"][r] = float(((x_prev - x[t - 1]) * scale).norm())
                 x_pred = x_prev + dx_hat
                 if correction is not None and not teacher:
-                    x_pred = correction(x_pred[None])[0]
+                    x_pred = correction(x_pred[None], torch.stack(window)[None])[0]
                 x_curr = x[t] if teacher or s in schedule[mode] else x_pred
                 believed.append(x_curr)
                 x_prev = x_curr
@@ -453,7 +453,10 @@ def test_batched_engine_equals_reference_loop(head: str, k: int, reset: str, wit
     )
     raw_scale = torch.tensor([0.5, 1.0, 2.0, 3.0])
     cfg = _cfg(k_steps=k_steps, inject_after_periodic=[3, 6], inject_after_one_shot=[2], reset=reset)
-    correction = (lambda x: 0.9 * x + 0.1 * torch.tanh(x)) if with_correction else None
+    # Reads its context window too (as a conditional score model does): the engine must pass the right one.
+    correction = (
+        (lambda x, ctx: 0.9 * x + 0.1 * torch.tanh(x) + 0.05 * ctx.mean(dim=1)) if with_correction else None
+    )
     result = run_injection(net, segments, cfg, baseline, bank, correction, raw_scale=raw_scale)
     expected = reference_loop(net, segments, cfg, baseline, bank, correction, raw_scale)
     for name in METRICS:
@@ -630,8 +633,9 @@ def test_correction_only_on_free_running_rows() -> None:
     shift = torch.tensor([0.3, -0.1, 0.2])
     seen_rows: list[int] = []
 
-    def correction(x: torch.Tensor) -> torch.Tensor:
+    def correction(x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         seen_rows.append(x.shape[0])
+        assert context.shape == (x.shape[0], w, dim)
         return x + shift
 
     model, baseline = ConstantModel(dim, w, k), _gaussian_baseline(dim)

@@ -16,7 +16,8 @@ From each start ``t0`` the model is rolled forward ``K = k_steps`` steps. At ste
   ``manifold_dist`` (to the nearest train latent in a bank) of the step's prediction ``x̂'[t] = x̂[t-1] + Δ̂``
   (corrected, before any injection replaces it).
 
-The state then advances ``x̂[t] = x̂[t-1] + Δ̂`` (a correction, when given, maps it onto the manifold), unless
+The state then advances ``x̂[t] = x̂[t-1] + Δ̂`` (a correction, when given, maps it toward the data manifold:
+``correction(x̂[t], context)`` with the window the step was predicted from), unless
 GT is *injected after step s*: ``A_teacher`` after every step, ``B_periodic`` after ``inject_after_periodic``
 (4, 8, 12), ``C_one_shot`` after ``inject_after_one_shot`` (1), ``D_rollout`` never. An injection replaces the
 state frame only (``reset=frame``, the reference): the window keeps sliding one frame a step, so older
@@ -34,6 +35,7 @@ space (raw, or standardised when it was trained so). Fully teacher-forced rows a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -67,7 +69,8 @@ BANDS: tuple[str, ...] = ("percentile", "bootstrap")
 DIAG_FILE = "injection_diag.json"
 NORM_FLOOR = 1e-8
 
-Correction = Callable[[torch.Tensor], torch.Tensor]
+#: ``correction(states (R, D), contexts (R, W, D)) -> (R, D)``: see :mod:`latentdyn.diagnostics.corrections`.
+Correction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _check_steps(name: str, steps: Any, k_steps: int) -> list[int]:
@@ -345,7 +348,7 @@ def run_injection(
 
     ``baseline``: the fitted unconditional baseline (``log_prob``) for ``nll_baseline``. ``bank`` ``(M, D)``: real
     latents for ``manifold_dist`` (NaN when None). ``correction``: applied to every free-running state before
-    it enters the trajectory. ``raw_scale`` ``(D,)``: per-dimension factor from the model's space to raw
+    it enters the trajectory, with the context window it was predicted from. ``raw_scale`` ``(D,)``: per-dimension factor from the model's space to raw
     latent units for ``state_err_raw`` (None: the model works on raw latents). The model is called under
     ``torch.no_grad`` (put it in eval mode first); the correction runs in the caller's grad mode, so an
     autograd-based correction wraps itself in ``enable_grad``.
@@ -387,7 +390,7 @@ def run_injection(
     return InjectionResult(
         modes=list(cfg.modes),
         per_start=per_start,
-        per_step=_per_step_rows(per_start, cfg),
+        per_step=_per_step_rows(per_start, cfg, cfg.modes),
         config=cfg,
         window_size=geometry.window,
         horizon_k=int(model.horizon),
@@ -432,7 +435,9 @@ def _rollout(
             predicted = x_prev + delta
         if correction is not None and bool(free_running.any()):
             predicted = predicted.clone()
-            predicted[free_running] = correction(predicted[free_running]).detach().to(torch.float32)
+            predicted[free_running] = (
+                correction(predicted[free_running], context[free_running]).detach().to(torch.float32)
+            )
         with torch.no_grad():
             nll_baseline = -baseline.log_prob(true_delta).to(torch.float32)
             pred_norm = torch.linalg.vector_norm(delta, dim=1).clamp_min(NORM_FLOOR)
@@ -472,9 +477,11 @@ def _band(values: np.ndarray, cfg: InjectionConfig) -> tuple[np.ndarray, np.ndar
     return lo, hi
 
 
-def _per_step_rows(per_start: dict[str, np.ndarray], cfg: InjectionConfig) -> list[dict[str, Any]]:
+def _per_step_rows(
+    per_start: dict[str, np.ndarray], cfg: InjectionConfig, modes: Sequence[str]
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for m, mode in enumerate(cfg.modes):
+    for m, mode in enumerate(modes):
         for name in METRICS:
             values = per_start[name][m]
             mean = values.mean(axis=0)
@@ -491,3 +498,29 @@ def _per_step_rows(per_start: dict[str, np.ndarray], cfg: InjectionConfig) -> li
                     }
                 )
     return rows
+
+
+def merge_modes(parts: Sequence[tuple[str, InjectionResult, str]]) -> InjectionResult:
+    """One result whose modes are ``(name, result, mode)`` triples: mode ``mode`` of ``result``, renamed ``name``
+    (Exp 6 puts the uncorrected ``D_rollout`` and the corrected run's ``D_rollout``, as ``D_corrected``, side by
+    side). The results must come from the same start points and settings (the first one's are kept)."""
+    if not parts:
+        raise ValueError("merge_modes needs at least one (name, result, mode) triple")
+    names = [name for name, _, _ in parts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"mode names must not repeat, got {names}")
+    first = parts[0][1]
+    shape = first.per_start["nll"].shape[1:]
+    for name, result, _ in parts:
+        if result.per_start["nll"].shape[1:] != shape or result.window_size != first.window_size:
+            raise ValueError(f"mode {name!r} comes from other start points or geometry than {names[0]!r}")
+    per_start = {
+        metric: np.stack([result.per_start[metric][result.modes.index(mode)] for _, result, mode in parts])
+        for metric in first.per_start
+    }
+    return dataclasses.replace(
+        first,
+        modes=names,
+        per_start=per_start,
+        per_step=_per_step_rows(per_start, first.config, names),
+    )
