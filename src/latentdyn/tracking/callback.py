@@ -3,11 +3,14 @@
 
 Before a run (or a sweep) starts it validates the config and claims the run directory
 (:mod:`latentdyn.tracking.preflight`); a failed check ends the command with a message naming the key, before
-Hydra creates any directory. ``on_multirun_end`` is deliberately not used: Hydra skips it when a job fails.
+Hydra creates any directory. Job records never depend on ``on_multirun_end``, which Hydra skips when a job
+fails; the sweep's aggregate (:mod:`latentdyn.tracking.sweep`) is written there, and by an exit hook when
+Hydra skipped it (a failed job, Ctrl-C). ``latentdyn-results --sweep DIR`` writes it for a killed sweep.
 """
 
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
 from pathlib import Path
@@ -57,6 +60,7 @@ class RunTrackingCallback(Callback):
 
     def __init__(self) -> None:
         self._run: TrackedRun | None = None
+        self._sweep_dir: Path | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.get("pipeline") is None:
@@ -85,6 +89,31 @@ class RunTrackingCallback(Callback):
             )
         except ConfigError as exc:
             raise _stop(exc) from None
+        self._sweep_dir = Path(str(config.hydra.sweep.dir))
+        atexit.register(self._summarise_sweep)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._summarise_sweep()
+
+    def _summarise_sweep(self) -> None:
+        """Write the sweep's aggregate once (on_multirun_end, or at exit when Hydra skipped it)."""
+        sweep_dir, self._sweep_dir = self._sweep_dir, None
+        if sweep_dir is None or not sweep_dir.is_dir():
+            return
+        from latentdyn.tracking.sweep import format_summary, write_sweep_summary
+
+        try:
+            summary = write_sweep_summary(sweep_dir)
+        except Exception as exc:  # the jobs' own records are written; say what went wrong and how to redo it
+            log.error(
+                "could not summarise the sweep %s (%s: %s); run `latentdyn-results --sweep %s`",
+                sweep_dir,
+                type(exc).__name__,
+                exc,
+                sweep_dir,
+            )
+            return
+        print("\n" + format_summary(summary), flush=True)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.get("pipeline") is None:

@@ -240,7 +240,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="outputs directory holding manifest.jsonl (default: $LATENTDYN_ROOT/outputs or ./outputs)",
     )
+    parser.add_argument(
+        "--sweep",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="summarise one sweep directory (multirun/<experiment>/<run_id>) instead: writes summary.csv, "
+        "sweep_results.json and heatmap.png there",
+    )
     args = parser.parse_args(argv)
+    if args.sweep is not None:
+        from latentdyn.tracking.sweep import main_sweep
+
+        return main_sweep(args.sweep)
     outputs = args.outputs or default_outputs_dir()
     manifest = outputs / MANIFEST_NAME
     if not manifest.exists():
