@@ -43,6 +43,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from latentdyn.data.latent_store import LatentStore
+from latentdyn.data.workers import worker_context
 
 # LatentWindowDataModule is public too, but left out of __all__ so that `import *` does not import lightning.
 __all__ = [
@@ -419,6 +420,7 @@ class ResumableBatchLoader(DataLoader):
     def __init__(self, dataset: Dataset, sampler: IndexBatchSampler, **kwargs: Any) -> None:
         if sampler.shuffle and sampler.generator is None:
             raise ValueError("a resumable loader's shuffled sampler needs a generator")
+        kwargs.setdefault("multiprocessing_context", worker_context(kwargs.get("num_workers", 0)))
         super().__init__(dataset, batch_size=None, sampler=sampler, **kwargs)
         self._position: int | None = None
         self._pending: dict[str, Any] | None = None

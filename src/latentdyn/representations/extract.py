@@ -56,6 +56,7 @@ from latentdyn.data.audio import (
 )
 from latentdyn.data.corpus import Utterance
 from latentdyn.data.latent_store import LatentStoreWriter
+from latentdyn.data.workers import worker_context
 from latentdyn.jsonio import write_json_atomic
 from latentdyn.representations.base import Representation
 from latentdyn.representations.energy import frame_log_energy
@@ -743,6 +744,7 @@ def _run_shards(
         num_workers=num_workers,
         collate_fn=_unbatched,
         pin_memory=device.type == "cuda",
+        multiprocessing_context=worker_context(num_workers),
     )
     encoder = _ShardEncoder(
         rep, plan, sink, on_bad_audio=on_bad_audio, device=device, precision=precision, progress=progress
