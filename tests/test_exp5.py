@@ -271,6 +271,24 @@ def test_exp5_one_variant_then_exp1_on_its_latents(tmp_path: Path) -> None:
     statuses = [(r["run_id"], r["status"]) for r in manifest_lines(tmp_path)]
     assert ("v/betavae_smooth", "completed") in statuses and ("on_vae", "completed") in statuses
 
+    # Exp 6 on the variant's 32-d latents with its Phase 1 MDN: the checkpoint names the β-VAE store it was
+    # trained on, and the score model is trained on that store.
+    run_cli(
+        [
+            "experiment=exp6_score_correction",
+            "debug=smoke",
+            "run_id=e6",
+            "checkpoint=latest:exp5_betavae/betavae_smooth",
+        ],
+        tmp_path,
+    )
+    exp6 = json.loads(
+        (tmp_path / "outputs" / "tier2" / "exp6_score_correction" / "e6" / "metrics.json").read_text()
+    )
+    assert exp6["checkpoint"] == str(var_dir / "phase1" / "checkpoints" / "mdn_k1_final.ckpt")
+    store_meta = json.loads((Path(exp6["latent_store"]) / "meta.json").read_text())
+    assert store_meta["dim"] == 32 and store_meta["representation"].startswith("betavae32-mel")
+
     # resume: the completed variant is not run again, and the summary is rebuilt from its outputs.
     summary = (run_dir / "summary.csv").read_text()
     run_cli(

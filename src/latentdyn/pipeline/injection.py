@@ -42,6 +42,69 @@ log = logging.getLogger(__name__)
 KEY_SUMMARIES = ("/dnll", "/cos", "/mag_ratio", "/state_err", "/state_err_at_K")
 
 
+DYNAMICS_VERSION = 1
+#: ``checkpoint=train``: train the run's dynamics model on its own store (a cached artifact).
+TRAIN = "train"
+
+
+def dynamics_spec(cfg: DictConfig, store: LatentStore, horizon_k: int) -> dict[str, Any]:
+    """Everything that determines a dynamics model trained for ``checkpoint=train``: the store, the model and
+    its sample, the training windows, the trainer's budget and the seed."""
+    from latentdyn.pipeline.common import plain
+    from latentdyn.pipeline.score import store_identity
+
+    return {
+        "version": DYNAMICS_VERSION,
+        "store": store_identity(store),
+        "horizon_k": int(horizon_k),
+        "model": plain(cfg.model),
+        "horizon_mode": str(cfg.horizon_mode),
+        "standardize": bool(cfg.standardize),
+        "datamodule": plain(cfg.datamodule),
+        "trainer": {
+            k: plain(cfg.trainer).get(k) for k in ("max_steps", "val_check_interval", "gradient_clip_val")
+        },
+        "restore_best": bool(cfg.restore_best),
+        "seed": int(cfg.seed),
+    }
+
+
+def trained_dynamics(cfg: DictConfig, store: LatentStore, horizon_k: int, logger: Any) -> Path:
+    """The checkpoint of ``cfg.model`` trained at horizon ``horizon_k`` on ``store`` (``cfg.trainer``): a cached
+    artifact (kind ``dynamics``), so every job of a sweep shares one model, trained by the first."""
+    from latentdyn import artifacts
+    from latentdyn.pipeline.train import train_horizon
+
+    def build(tmp: Path) -> None:
+        d_cfg = cfg.copy()
+        with open_dict(d_cfg):
+            d_cfg.run_dir = str(tmp)
+            d_cfg.resume = False
+        train_horizon(d_cfg, store, horizon_k, logger)
+
+    spec = dynamics_spec(cfg, store, horizon_k)
+    path = artifacts.get_or_build(Path(cfg.paths.cache_dir), "dynamics", spec, build, force=cfg.force)
+    return path / "checkpoints" / f"{cfg.model.name}_k{horizon_k}_final.ckpt"
+
+
+def dynamics_and_store(cfg: DictConfig, logger: Any) -> tuple[Any, LatentStore, Path]:
+    """The dynamics model ``cfg.checkpoint`` names, the latent store it was trained on and its checkpoint.
+
+    ``checkpoint=train`` trains ``cfg.model`` at ``horizon_k`` on the run's own store (:func:`trained_dynamics`);
+    anything else is resolved by :func:`dynamics_checkpoint` and its store rebuilt from the config it embeds.
+    """
+    from latentdyn.models.dynamics import load_dynamics
+
+    horizon_k = int(cfg.horizon_k)
+    if str(cfg.checkpoint) == TRAIN:
+        store = prepare_latent_store(cfg)
+        ckpt = trained_dynamics(cfg, store, horizon_k, logger)
+        return load_dynamics(ckpt), store, ckpt
+    ckpt = dynamics_checkpoint(str(cfg.checkpoint), Path(cfg.paths.manifest), horizon_k)
+    model = load_dynamics(ckpt)
+    return model, store_of_checkpoint(cfg, model.run_config), ckpt
+
+
 def dynamics_checkpoint(value: str, manifest: Path, horizon_k: int) -> Path:
     """A trained dynamics checkpoint from ``checkpoint=PATH|RUN_DIR|latest|latest:EXPERIMENT``: an Exp 1 model
     of horizon ``horizon_k`` (``latest`` is the newest exp1_vmf run) or an Exp 1B fine-tuned one."""
@@ -53,7 +116,8 @@ def dynamics_checkpoint(value: str, manifest: Path, horizon_k: int) -> Path:
 def store_of_checkpoint(cfg: DictConfig, run_config: dict[str, Any]) -> LatentStore:
     """The latent store a checkpoint was trained on: a derived store it names (Exp 4's projections), or this
     run's config with the checkpoint's data and representation (built or reused as a cached artifact)."""
-    derived = (run_config.get("variant") or {}).get("latent_store")
+    variant = run_config.get("variant")  # Exp 4's variants name derived stores; Exp 5's are plain names
+    derived = variant.get("latent_store") if isinstance(variant, dict) else None
     if derived:
         if not Path(derived).is_dir():
             raise FileNotFoundError(

@@ -21,11 +21,16 @@ from latentdyn.tracking.run import METRICS_NAME, write_json
 log = logging.getLogger(__name__)
 
 
-def phase1_config(cfg: DictConfig, out_dir: Path) -> DictConfig:
-    """``cfg`` with its outputs (checkpoints, logs) under ``out_dir``; the fits take ``cfg.trainer``."""
+def phase1_config(cfg: DictConfig, out_dir: Path, store: LatentStore) -> DictConfig:
+    """``cfg`` with its outputs (checkpoints, logs) under ``out_dir`` and the representation that made
+    ``store`` (so the checkpoints name the latents they were trained on: Exp 2 and Exp 6 rebuild the store from
+    them); the fits take ``cfg.trainer``."""
     p_cfg = cfg.copy()
+    representation = (store.meta.get("extra") or {}).get("representation_config")
     with open_dict(p_cfg):
         p_cfg.run_dir = str(out_dir)
+        if representation is not None:
+            p_cfg.representation = representation
     return p_cfg
 
 
@@ -39,7 +44,7 @@ def run_phase1(cfg: DictConfig, store: LatentStore, out_dir: Path, logger: Any, 
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    p_cfg = phase1_config(cfg, out_dir)
+    p_cfg = phase1_config(cfg, out_dir, store)
     rows: list[dict[str, Any]] = []
     metrics: dict[str, float] = {}
     details: dict[str, Any] = {"latent_store": str(store.root), "horizons": {}}

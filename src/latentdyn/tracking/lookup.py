@@ -47,9 +47,10 @@ def resolve_checkpoint(value: str, manifest: Path, experiment: str, patterns: st
 
 
 def resolve_checkpoint_in_dir(run_dir: Path, patterns: str | Sequence[str]) -> Path:
-    """The single checkpoint under ``run_dir/checkpoints`` (or ``run_dir``) matching the first pattern that matches."""
+    """The single checkpoint under ``run_dir/checkpoints``, ``run_dir/phase1/checkpoints`` (the Phase 1 models of
+    an Exp 5 variant) or ``run_dir`` matching the first pattern that matches."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    for folder in (run_dir / "checkpoints", run_dir):
+    for folder in (run_dir / "checkpoints", run_dir / "phase1" / "checkpoints", run_dir):
         for pattern in patterns:
             matches = sorted(folder.glob(pattern))
             if len(matches) == 1:
