@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 
 # One stamp per process: every `${latentdyn.utc_stamp:}` in a run resolves to the same run id.
 _PROCESS_STAMP = datetime.now(UTC).strftime("%Y-%m-%d_%H-%M-%S_%f")
+#: Set by a sweep for the processes it launches (joblib workers), so their jobs resolve the sweep's run id.
+STAMP_ENV = "LATENTDYN_SWEEP_STAMP"
 
 
 def conf_dir() -> Path:
@@ -25,8 +27,9 @@ def conf_dir() -> Path:
 
 
 def utc_stamp() -> str:
-    """UTC timestamp with microseconds, fixed for the life of the process (the default run id)."""
-    return _PROCESS_STAMP
+    """UTC timestamp with microseconds, fixed for the life of the process (the default run id); in a process a
+    sweep launched, the sweep's own (:data:`STAMP_ENV`)."""
+    return os.environ.get(STAMP_ENV) or _PROCESS_STAMP
 
 
 def or_default(value: object, default: object) -> object:

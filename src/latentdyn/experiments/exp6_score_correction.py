@@ -8,7 +8,7 @@ diagnostic then rolls the dynamics model out freely from the seeded start points
 and with the configured correction applied to the state after every step (``D_corrected``: Langevin steps
 ``z += η σ² s(z, σ)`` or one Tweedie step ``z += c σ² s(z, σ)``), from the same starts with the same seeds.
 Both are scored step by step as in Exp 2; ``corrected_vs_rollout/*`` compares them (the final-step state
-error as a ratio, ΔNLL as a difference).
+error's change in percent, ΔNLL and cos as differences).
 
 The correction's settings form a grid that runs as a Hydra multirun (``latentdyn -m
 experiment=exp6_score_correction``); each job is one point of it, and the sweep's aggregate
@@ -40,12 +40,13 @@ KEY_SUMMARIES = ("dnll", "cos", "state_err", "state_err_at_K")
 
 
 def compare(metrics: dict[str, float]) -> dict[str, float]:
-    """``corrected_vs_rollout/state_err_at_K`` (ratio of the final-step state errors: < 1 the correction
-    helps) and ``corrected_vs_rollout/{dnll,cos}`` (differences: ΔNLL < 0 helps)."""
+    """``corrected_vs_rollout/state_err_at_K_pct`` (the final-step state error's change in percent of the
+    uncorrected one: < 0 the correction helps) and ``corrected_vs_rollout/{dnll,cos}`` (differences: ΔNLL < 0
+    helps)."""
     out = {}
     rollout_err, corrected_err = metrics[f"{ROLLOUT}/state_err_at_K"], metrics[f"{CORRECTED}/state_err_at_K"]
     if rollout_err > 0:
-        out["corrected_vs_rollout/state_err_at_K"] = corrected_err / rollout_err
+        out["corrected_vs_rollout/state_err_at_K_pct"] = 100.0 * (corrected_err - rollout_err) / rollout_err
     for name in ("dnll", "cos"):
         out[f"corrected_vs_rollout/{name}"] = metrics[f"{CORRECTED}/{name}"] - metrics[f"{ROLLOUT}/{name}"]
     return out

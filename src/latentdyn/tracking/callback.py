@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import copy
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from latentdyn.config import STAMP_ENV, utc_stamp
 from latentdyn.tracking.preflight import ConfigError, check_run_id, claim_run_dir, overridden_keys, validate
 from latentdyn.tracking.report import end_of_run
 from latentdyn.tracking.run import TrackedRun
@@ -90,6 +92,8 @@ class RunTrackingCallback(Callback):
         except ConfigError as exc:
             raise _stop(exc) from None
         self._sweep_dir = Path(str(config.hydra.sweep.dir))
+        # Jobs a launcher runs in other processes (joblib) resolve the default run id there: give them ours.
+        os.environ[STAMP_ENV] = utc_stamp()
         atexit.register(self._summarise_sweep)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -98,6 +102,7 @@ class RunTrackingCallback(Callback):
     def _summarise_sweep(self) -> None:
         """Write the sweep's aggregate once (on_multirun_end, or at exit when Hydra skipped it)."""
         sweep_dir, self._sweep_dir = self._sweep_dir, None
+        os.environ.pop(STAMP_ENV, None)
         if sweep_dir is None or not sweep_dir.is_dir():
             return
         from latentdyn.tracking.sweep import format_summary, write_sweep_summary
