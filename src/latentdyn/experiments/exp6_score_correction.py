@@ -22,6 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from latentdyn.diagnostics.injection import merge_modes, run_injection
@@ -65,8 +66,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     inputs = injection_inputs(dynamics.net, store, cfg.diagnostic)
     inj = dataclasses.replace(inputs.config, modes=[ROLLOUT])
     common = (dynamics.net, inputs.segments, inj, inputs.baseline, inputs.bank)
-    rollout = run_injection(*common, None, inputs.n_utterances, inputs.raw_scale)
-    corrected = run_injection(*common, correction, inputs.n_utterances, inputs.raw_scale)
+    with torch.no_grad():
+        rollout = run_injection(*common, None, inputs.n_utterances, inputs.raw_scale)
+        corrected = run_injection(*common, correction, inputs.n_utterances, inputs.raw_scale)
     result = merge_modes([(ROLLOUT, rollout, ROLLOUT), (CORRECTED, corrected, ROLLOUT)])
 
     setting = OmegaConf.to_container(cfg.correction, resolve=True)

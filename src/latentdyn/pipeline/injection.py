@@ -33,7 +33,7 @@ from latentdyn.diagnostics.injection import (
 )
 from latentdyn.models.baselines import Baseline
 from latentdyn.pipeline.common import bank_from_store
-from latentdyn.pipeline.store import prepare_latent_store
+from latentdyn.pipeline.store import prepare_latent_store, store_identity
 from latentdyn.tracking.lookup import resolve_checkpoint
 
 log = logging.getLogger(__name__)
@@ -43,16 +43,18 @@ KEY_SUMMARIES = ("/dnll", "/cos", "/mag_ratio", "/state_err", "/state_err_at_K")
 
 
 DYNAMICS_VERSION = 1
+#: Trainer settings that do not change a trained model (left out of its artifact key).
+COSMETIC_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")
 #: ``checkpoint=train``: train the run's dynamics model on its own store (a cached artifact).
 TRAIN = "train"
 
 
 def dynamics_spec(cfg: DictConfig, store: LatentStore, horizon_k: int) -> dict[str, Any]:
     """Everything that determines a dynamics model trained for ``checkpoint=train``: the store, the model and
-    its sample, the training windows, the trainer's budget and the seed."""
+    its sample, the training windows, the trainer's settings (but cosmetic ones) and the seed."""
     from latentdyn.pipeline.common import plain
-    from latentdyn.pipeline.score import store_identity
 
+    trainer = {k: v for k, v in plain(cfg.trainer).items() if k not in COSMETIC_TRAINER_KEYS}
     return {
         "version": DYNAMICS_VERSION,
         "store": store_identity(store),
@@ -61,9 +63,7 @@ def dynamics_spec(cfg: DictConfig, store: LatentStore, horizon_k: int) -> dict[s
         "horizon_mode": str(cfg.horizon_mode),
         "standardize": bool(cfg.standardize),
         "datamodule": plain(cfg.datamodule),
-        "trainer": {
-            k: plain(cfg.trainer).get(k) for k in ("max_steps", "val_check_interval", "gradient_clip_val")
-        },
+        "trainer": trainer,
         "restore_best": bool(cfg.restore_best),
         "seed": int(cfg.seed),
     }

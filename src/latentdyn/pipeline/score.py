@@ -23,6 +23,7 @@ from latentdyn.data.latent_store import LatentStore
 from latentdyn.data.windows import WindowSpec
 from latentdyn.jsonio import write_json_atomic
 from latentdyn.pipeline.common import plain, window_datamodule
+from latentdyn.pipeline.store import store_identity
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +31,6 @@ SCORE_VERSION = 1
 FINAL_NAME = "score_final.ckpt"
 LAST_NAME = "score_last.ckpt"
 TRAINING_NAME = "training.json"
-
-
-def store_identity(store: LatentStore) -> dict[str, Any]:
-    """What a latent store is, for keys of artifacts derived from it: its artifact key when it is a cached
-    artifact (content-addressed), else its resolved path; with its size."""
-    record = Path(store.root) / artifacts.SPEC_NAME
-    ident: dict[str, Any] = {"dim": store.dim, "n_frames": store.n_frames}
-    if record.is_file():
-        meta = json.loads(record.read_text())
-        return {**ident, "artifact": f"{meta.get('kind')}/{meta.get('key')}"}
-    return {**ident, "path": str(Path(store.root).resolve())}
 
 
 def score_spec(cfg: DictConfig, store: LatentStore, dynamics: Any) -> dict[str, Any]:
@@ -93,10 +83,12 @@ def score_training_windows(cfg: DictConfig, store: LatentStore, dynamics: Any) -
     return window_datamodule(dm_cfg, store, spec, bool(dynamics.standardized))
 
 
-def train_score_model(cfg: DictConfig, store: LatentStore, dynamics: Any, out_dir: Path, logger: Any) -> None:
+def train_score_model(
+    cfg: DictConfig, store: LatentStore, dynamics: Any, out_dir: Path, partial: Path, logger: Any
+) -> None:
     """Train the score model for ``cfg.max_steps`` steps into ``out_dir`` (``score_final.ckpt`` and
-    ``training.json``: steps, seconds, the last logged losses); a periodic checkpoint kept beside the artifact
-    (``<key>.partial/score_last.ckpt``) lets a killed training resume where it stopped."""
+    ``training.json``: steps, seconds, the last logged losses); the periodic checkpoint in ``partial`` (kept
+    beside the artifact, ``<key>.partial/score_last.ckpt``) lets a killed training resume where it stopped."""
     from latentdyn.models.training import (
         build_trainer,
         fit,
@@ -105,8 +97,6 @@ def train_score_model(cfg: DictConfig, store: LatentStore, dynamics: Any, out_di
         seed_everything,
     )
 
-    partial = artifacts.artifact_path(Path(cfg.paths.cache_dir), "score", score_spec(cfg, store, dynamics))
-    partial = partial.with_name(partial.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     last = partial / LAST_NAME
     seed_everything(cfg.seed)
@@ -155,11 +145,14 @@ def prepare_score_model(cfg: DictConfig, store: LatentStore, dynamics: Any, logg
     from latentdyn.models.score import load_score_model
 
     spec = score_spec(cfg, store, dynamics)
+    cache = Path(cfg.paths.cache_dir)
+    target = artifacts.artifact_path(cache, "score", spec)
+    partial = target.with_name(target.name + ".partial")
     path = artifacts.get_or_build(
-        Path(cfg.paths.cache_dir),
+        cache,
         "score",
         spec,
-        lambda tmp: train_score_model(cfg, store, dynamics, tmp, logger),
+        lambda tmp: train_score_model(cfg, store, dynamics, tmp, partial, logger),
         force=cfg.force,
     )
     model = load_score_model(path / FINAL_NAME)

@@ -11,6 +11,7 @@ run that reuses the artifacts reports them exactly as the run that built them: i
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -96,6 +97,17 @@ def resolve_representation_checkpoint(cfg: DictConfig) -> None:
     log.info("representation.checkpoint=%s -> %s", value, resolved)
     with open_dict(cfg):
         cfg.representation.checkpoint = str(Path(resolved).resolve())
+
+
+def store_identity(store: LatentStore) -> dict[str, Any]:
+    """What a latent store is, for the keys of artifacts derived from it (a score model, a dynamics model): its
+    artifact key when it is a cached artifact (content-addressed), else its resolved path; with its size."""
+    record = Path(store.root) / artifacts.SPEC_NAME
+    ident: dict[str, Any] = {"dim": store.dim, "n_frames": store.n_frames}
+    if record.is_file():
+        meta = json.loads(record.read_text())
+        return {**ident, "artifact": f"{meta.get('kind')}/{meta.get('key')}"}
+    return {**ident, "path": str(Path(store.root).resolve())}
 
 
 def _corpus_artifact(cfg: DictConfig) -> Path:
