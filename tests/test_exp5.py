@@ -159,6 +159,13 @@ def test_latest_experiment_slash_variant_finds_the_newest_completed_sub_run(tmp_
     assert latest_run_dir(manifest, "exp5_betavae") == other
     with pytest.raises(FileNotFoundError, match="sub-run 'betavae_smooth_pred'"):
         latest_run_dir(manifest, "exp5_betavae/betavae_smooth_pred")
+    # An experiment without sub-runs (Exp 3): a folder of its newest completed run.
+    for run_id, when in (("r1", "2026-12-01T01:00:00+00:00"), ("r2", "2026-12-01T02:00:00+00:00")):
+        (tmp_path / run_id / "mimi").mkdir(parents=True)
+        _manifest_run(manifest, run_id, "exp3_rep_compare", tmp_path / run_id, when)
+    assert latest_run_dir(manifest, "exp3_rep_compare/mimi") == tmp_path / "r2" / "mimi"
+    with pytest.raises(FileNotFoundError, match="sub-run 'encodec'"):
+        latest_run_dir(manifest, "exp3_rep_compare/encodec")
 
 
 def test_a_run_reference_is_resolved_to_the_file_and_the_store_is_keyed_on_its_contents(

@@ -13,12 +13,16 @@ def latest_run_dir(manifest: Path, experiment: str) -> Path:
     """Directory of the newest completed run of ``experiment``; a clear error if there is none.
 
     ``EXPERIMENT/NAME`` names a sub-run: the newest completed run of ``EXPERIMENT`` whose run id ends in
-    ``/NAME`` (an Exp 5 variant, ``exp5_betavae/betavae_smooth``).
+    ``/NAME`` (an Exp 5 variant, ``exp5_betavae/betavae_smooth``); when ``EXPERIMENT`` has no such sub-runs, the
+    folder ``NAME`` of its newest completed run (an Exp 3 representation, ``exp3_rep_compare/mimi``).
     """
     name, _, sub = experiment.partition("/")
-    runs = select_runs(summarize_runs(iter_records(manifest)), name, latest=False)
-    if sub:
-        runs = [r for r in runs if r.run_id.endswith(f"/{sub}")]
+    all_runs = select_runs(summarize_runs(iter_records(manifest)), name, latest=False)
+    runs = [r for r in all_runs if r.run_id.endswith(f"/{sub}")] if sub else all_runs
+    if sub and not runs and all_runs:
+        folder = Path(max(all_runs, key=lambda r: r.end_time or "").run_dir) / sub
+        if folder.is_dir():
+            return folder
     if not runs:
         what = f"{name} run with a sub-run {sub!r}" if sub else f"{name} run"
         raise FileNotFoundError(
