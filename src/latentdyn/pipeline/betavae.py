@@ -19,7 +19,7 @@ from latentdyn.data.corpus import Utterance
 from latentdyn.data.latent_store import LatentStore
 from latentdyn.diagnostics.audio_io import objective_distances, write_listening_wav
 from latentdyn.diagnostics.audio_metrics import AUDIO_METRIC_KEYS, align, log_mel_l1, waveform_l1
-from latentdyn.pipeline.common import checkpoint_dir, plain
+from latentdyn.pipeline.common import budgeted_trainer, checkpoint_dir, plain
 from latentdyn.pipeline.store import prepare_latent_store, prepare_splits, splits_spec
 from latentdyn.tracking.run import record_weights
 
@@ -122,7 +122,7 @@ def train_betavae(cfg: DictConfig, logger: Any) -> tuple[Any, Path]:
     ``cfg.resume`` a finished fit (its ``betavae_final.ckpt``) is loaded instead of trained again.
     """
     from latentdyn.models.betavae import load_betavae
-    from latentdyn.models.training import build_trainer, fit, save_final_checkpoint, seed_everything
+    from latentdyn.models.training import fit, save_final_checkpoint, seed_everything
 
     final = checkpoint_dir(cfg) / FINAL_NAME
     if cfg.resume and final.is_file():
@@ -135,16 +135,8 @@ def train_betavae(cfg: DictConfig, logger: Any) -> tuple[Any, Path]:
     model = build_betavae(cfg)
     record_weights(model.base.name, model.base.weights)
     datamodule = crop_datamodule(cfg, model.base.sample_rate)
-    train = cfg.vae_train
-    trainer = build_trainer(
-        cfg,
-        logger,
-        last_checkpoint=last,
-        max_steps=int(cfg.max_steps),
-        precision=training_precision(str(train.precision)),
-        gradient_clip_val=float(train.gradient_clip_val),
-        val_check_interval=min(int(train.val_check_interval), int(cfg.max_steps)),
-        limit_val_batches=train.limit_val_batches,
+    trainer = budgeted_trainer(
+        cfg, logger, last, cfg.vae_train, precision=training_precision(str(cfg.vae_train.precision))
     )
     log.info(
         "training the β-VAE (%s reconstruction, D=%d, beta=%g, lambda_smooth=%g, lambda_pred=%g) over %s for %d steps",

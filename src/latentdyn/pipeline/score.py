@@ -22,7 +22,7 @@ from latentdyn import artifacts
 from latentdyn.data.latent_store import LatentStore
 from latentdyn.data.windows import WindowSpec
 from latentdyn.jsonio import write_json_atomic
-from latentdyn.pipeline.common import plain, window_datamodule
+from latentdyn.pipeline.common import budgeted_trainer, plain, window_datamodule
 from latentdyn.pipeline.store import store_identity
 
 log = logging.getLogger(__name__)
@@ -89,31 +89,16 @@ def train_score_model(
     """Train the score model for ``cfg.max_steps`` steps into ``out_dir`` (``score_final.ckpt`` and
     ``training.json``: steps, seconds, the last logged losses); the periodic checkpoint in ``partial`` (kept
     beside the artifact, ``<key>.partial/score_last.ckpt``) lets a killed training resume where it stopped."""
-    from latentdyn.models.training import (
-        build_trainer,
-        fit,
-        last_logged_metrics,
-        save_final_checkpoint,
-        seed_everything,
-    )
+    from latentdyn.models.training import fit, last_logged_metrics, save_final_checkpoint, seed_everything
 
     partial.mkdir(parents=True, exist_ok=True)
     last = partial / LAST_NAME
     seed_everything(cfg.seed)
     model = build_score_model(cfg, store, dynamics)
-    train = cfg.score_train
     trainer_cfg = cfg.copy()
     with open_dict(trainer_cfg):
         trainer_cfg.run_dir = str(out_dir)
-    trainer = build_trainer(
-        trainer_cfg,
-        logger,
-        last_checkpoint=last,
-        max_steps=int(cfg.max_steps),
-        gradient_clip_val=float(train.gradient_clip_val),
-        val_check_interval=min(int(train.val_check_interval), int(cfg.max_steps)),
-        limit_val_batches=train.limit_val_batches,
-    )
+    trainer = budgeted_trainer(trainer_cfg, logger, last, cfg.score_train)
     log.info(
         "training the score model (D=%d, H=%d, %s, σ in [%g, %g]) on %s for %d steps",
         store.dim,
