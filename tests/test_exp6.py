@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,11 @@ def _sweep_dir(root: Path, run_id: str) -> Path:
 def _artifacts(root: Path, kind: str) -> list[Path]:
     """Complete artifacts of ``kind`` in the cache (no temporary, partial or lock entries)."""
     return sorted(p for p in (root / "cache" / kind).glob("*") if (p / "artifact.json").is_file())
+
+
+def _built_score_model(run_log: str) -> bool:
+    """Whether a job's log says it trained the score model (not the store or the dynamics model)."""
+    return re.search(r"artifact score/\S+ building", run_log) is not None
 
 
 def _summary_rows(sweep: Path) -> list[dict[str, str]]:
@@ -58,12 +64,7 @@ def test_a_2x2_grid_writes_four_tracked_runs_sharing_one_score_model_and_one_sum
     (score,) = _artifacts(tmp_path, "score")
     assert artifacts_used == {str(score)}
     assert len(_artifacts(tmp_path, "dynamics")) == 1
-    built = [
-        j
-        for j in range(4)
-        if "artifact score/" in (sweep / str(j) / "run.log").read_text()
-        and "building" in (sweep / str(j) / "run.log").read_text()
-    ]
+    built = [j for j in range(4) if _built_score_model((sweep / str(j) / "run.log").read_text())]
     assert built == [0]
 
     records = [(r["run_id"], r["status"]) for r in manifest_lines(tmp_path)]
@@ -102,7 +103,7 @@ def test_joblib_jobs_started_together_build_the_score_model_once(tmp_path: Path)
     (sweep,) = (tmp_path / "multirun" / "exp6_score_correction").iterdir()
     run_id = sweep.name
     logs = [(sweep / str(job) / "run.log").read_text() for job in range(2)]
-    builders = [text for text in logs if "artifact score/" in text and "building" in text]
+    builders = [text for text in logs if _built_score_model(text)]
     assert len(builders) == 1, "exactly one job trains the shared score model"
     assert len(_artifacts(tmp_path, "score")) == 1
     assert not list((tmp_path / "cache" / "score").glob(".tmp-*"))
@@ -142,4 +143,7 @@ def test_correction_none_reproduces_the_uncorrected_rollout_bit_for_bit(tmp_path
     assert [dict(s) for s in corrected["per_step"]] == [dict(s) for s in rollout["per_step"]]
     metrics = json.loads((run_dir / "run_info.json").read_text())["metrics"]
     assert metrics["corrected_vs_rollout/state_err_at_K_pct"] == 0.0
+    # Nothing to correct with: no score model is trained.
+    assert json.loads((run_dir / "metrics.json").read_text())["score_model"] is None
+    assert _artifacts(tmp_path, "score") == []
     assert metrics["corrected_vs_rollout/dnll"] == 0.0

@@ -60,7 +60,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     with job_logger(cfg) as logger:
         dynamics, store, ckpt = dynamics_and_store(cfg, logger)
         log.info("dynamics checkpoint: %s", ckpt)
-        score_model, score_dir = prepare_score_model(cfg, store, dynamics.net, logger)
+        # correction=none needs no score model: D_corrected is then D_rollout itself.
+        needs_score = bool(cfg.correction.get("_target_"))
+        score_model, score_dir = (
+            prepare_score_model(cfg, store, dynamics.net, logger) if needs_score else (None, None)
+        )
     correction = build_correction(cfg, score_model)
 
     inputs = injection_inputs(dynamics.net, store, cfg.diagnostic)
@@ -78,7 +82,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     result.write(run_dir, frame_rate=store.frame_rate, title=title)
     metrics = result.to_metrics()
     metrics.update(compare(metrics))
-    training = score_training_record(score_dir)
+    training = score_training_record(score_dir) if score_dir is not None else {}
+    score_record = (
+        {"artifact": str(score_dir), "config": plain(cfg.score), "training": training}
+        if needs_score
+        else None
+    )
     write_json(
         run_dir / METRICS_NAME,
         {
@@ -86,7 +95,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             "correction": setting,
             "checkpoint": str(ckpt),
             "latent_store": str(store.root),
-            "score_model": {"artifact": str(score_dir), "config": plain(cfg.score), "training": training},
+            "score_model": score_record,
         },
     )
     key = {k: v for k, v in metrics.items() if k.split("/", 1)[1] in KEY_SUMMARIES or "_vs_" in k}

@@ -97,12 +97,13 @@ def summarize_runs(records: Iterable[dict[str, Any]]) -> list[RunSummary]:
             run.data = dict(rec.get("data") or {})
             run.error = rec.get("error")
     for run in open_runs.values():
-        if _process_alive(run.host, run.pid):
+        if process_alive(run.host, run.pid):
             run.status = "running"
     return [run for run in runs if latest_attempt[(run.run_id, run.run_dir)] is run]
 
 
-def _process_alive(host: str | None, pid: int | None) -> bool:
+def process_alive(host: str | None, pid: int | None) -> bool:
+    """Whether process ``pid`` of this host still exists (a run it started may still be running)."""
     if pid is None or host != socket.gethostname():
         return False
     try:

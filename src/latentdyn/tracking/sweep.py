@@ -15,7 +15,7 @@ How to summarise is the experiment's business: its config's top-level ``sweep_su
     sweep_summary:
       rank_by: [D_corrected/state_err_at_K, D_corrected/dnll]   # ascending; ties by the next
       columns: [D_rollout/state_err_at_K, ...]                  # default: every metric seen
-      heatmap: {metric: corrected_vs_rollout/state_err_at_K, center: 1.0}   # center null: sequential
+      heatmap: {metric: corrected_vs_rollout/state_err_at_K_pct, center: 0.0}   # center null: sequential
 
 Imports nothing heavy at module level (``latentdyn-results`` imports it); matplotlib only to draw, and
 Hydra's override parser only to plan the grid.
@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from latentdyn.jsonio import write_bytes_atomic, write_csv_atomic, write_json_atomic
-from latentdyn.tracking.results import _process_alive
+from latentdyn.tracking.results import process_alive
 from latentdyn.tracking.run import CONFIG_NAME, RUN_INFO_NAME
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ def _alive_elsewhere(host: Any, pid: Any) -> bool:
         own = host == socket.gethostname() and int(pid) == os.getpid()
     except (TypeError, ValueError):
         own = False
-    return not own and _process_alive(host, pid)
+    return not own and process_alive(host, pid)
 
 
 def _error_text(error: Any) -> str | None:
