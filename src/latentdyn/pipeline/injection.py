@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from latentdyn import artifacts
 from latentdyn.data.latent_store import LatentStore
 from latentdyn.data.windows import (
     TRAIN_SPLIT,
@@ -32,8 +33,9 @@ from latentdyn.diagnostics.injection import (
     utterance_order,
 )
 from latentdyn.models.baselines import Baseline
-from latentdyn.pipeline.common import bank_from_store
+from latentdyn.pipeline.common import bank_from_store, plain
 from latentdyn.pipeline.store import prepare_latent_store, store_identity
+from latentdyn.pipeline.train import horizon_checkpoint_name, train_horizon
 from latentdyn.tracking.lookup import resolve_checkpoint
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,6 @@ TRAIN = "train"
 def dynamics_spec(cfg: DictConfig, store: LatentStore, horizon_k: int) -> dict[str, Any]:
     """Everything that determines a dynamics model trained for ``checkpoint=train``: the store, the model and
     its sample, the training windows, the trainer's settings (but cosmetic ones) and the seed."""
-    from latentdyn.pipeline.common import plain
-
     trainer = {k: v for k, v in plain(cfg.trainer).items() if k not in COSMETIC_TRAINER_KEYS}
     return {
         "version": DYNAMICS_VERSION,
@@ -72,8 +72,6 @@ def dynamics_spec(cfg: DictConfig, store: LatentStore, horizon_k: int) -> dict[s
 def trained_dynamics(cfg: DictConfig, store: LatentStore, horizon_k: int, logger: Any) -> Path:
     """The checkpoint of ``cfg.model`` trained at horizon ``horizon_k`` on ``store`` (``cfg.trainer``): a cached
     artifact (kind ``dynamics``), so every job of a sweep shares one model, trained by the first."""
-    from latentdyn import artifacts
-    from latentdyn.pipeline.train import train_horizon
 
     def build(tmp: Path) -> None:
         d_cfg = cfg.copy()
@@ -84,7 +82,7 @@ def trained_dynamics(cfg: DictConfig, store: LatentStore, horizon_k: int, logger
 
     spec = dynamics_spec(cfg, store, horizon_k)
     path = artifacts.get_or_build(Path(cfg.paths.cache_dir), "dynamics", spec, build, force=cfg.force)
-    return path / "checkpoints" / f"{cfg.model.name}_k{horizon_k}_final.ckpt"
+    return path / "checkpoints" / horizon_checkpoint_name(cfg, horizon_k)
 
 
 def dynamics_and_store(cfg: DictConfig, logger: Any) -> tuple[Any, LatentStore, Path]:

@@ -17,6 +17,12 @@ log = logging.getLogger(__name__)
 KEY_METRICS = ("nll", "nll_baseline", "dnll", "cos", "logmag_r2", "mag_ratio", "mse")
 
 
+def horizon_checkpoint_name(cfg: DictConfig, k: int, kind: str = "final") -> str:
+    """File name of the ``kind`` (``final`` or ``last``) checkpoint of ``cfg.model`` at horizon ``k``:
+    ``<model>_k<k>_<kind>.ckpt``."""
+    return f"{cfg.model.name}_k{k}_{kind}.ckpt"
+
+
 def train_horizon(cfg: DictConfig, store: Any, k: int, logger: Any) -> tuple[Any, Path, dict[str, float]]:
     """Train one dynamics model at horizon ``k`` (with ``restore_best``: its best-validation weights);
     returns the model, its checkpoint and the last logged train/val NLL.
@@ -34,11 +40,10 @@ def train_horizon(cfg: DictConfig, store: Any, k: int, logger: Any) -> tuple[Any
         seed_everything,
     )
 
-    name = f"{cfg.model.name}_k{k}"
-    final = checkpoint_dir(cfg) / f"{name}_final.ckpt"
+    final = checkpoint_dir(cfg) / horizon_checkpoint_name(cfg, k)
     if cfg.resume and final.is_file():
         return trained_horizon(final, k)
-    last = checkpoint_dir(cfg) / f"{name}_last.ckpt"
+    last = checkpoint_dir(cfg) / horizon_checkpoint_name(cfg, k, "last")
     seed_everything(cfg.seed)
     model = build_dynamics(cfg, dim=store.dim, horizon=k)
     model.metric_prefix = f"k{k}/"
