@@ -11,14 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import compose_at, manifest_lines, run_cli
-
-MEL_BASE = {
-    "_target_": "latentdyn.representations.mel.MelRepresentation",
-    "sample_rate": 24000,
-    "frame_rate": 12.5,
-    "n_mels": 16,
-    "griffin_lim_iters": 2,
-}
+from tests.test_betavae_model import MEL_BASE
 
 
 def _train_checkpoint(base: dict, path: Path, latent_dim: int = 4, steps: int = 2, **kwargs) -> Path:
