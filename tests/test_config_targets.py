@@ -59,6 +59,8 @@ RUNTIME_ARGS = {
     "score": None,
     # The score model's window (Exp 6 passes the dynamics model's W).
     "context_frames": 3,
+    # The direction AR's codebook size (Exp 10 passes its Exp 8 codebook's K).
+    "n_codes": 5,
 }
 # Groups chosen for the whole config (`# @package _global_`): their targets are checked through the groups.
 GLOBAL_GROUPS = ("experiment", "hydra", "debug", "setup")

@@ -39,3 +39,14 @@ def write_csv_atomic(path: Path, columns: Sequence[str], rows: Iterable[Mapping[
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON (values JSON cannot hold as ``str``), atomically."""
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_npy_atomic(path: Path, array: Any) -> None:
+    """``array`` as a ``.npy`` file, written atomically."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array))
+    write_bytes_atomic(path, buf.getvalue())

@@ -215,3 +215,57 @@ def explained_variance_figure(
     ax.legend(fontsize="small", **LEGEND_OUTSIDE)
     fig.suptitle(title, fontsize="medium")
     return fig
+
+
+def curves_figure(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float | None]]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    logx_base: int | None = None,
+    logy: bool = False,
+    reference: tuple[float, str] | None = None,
+    groups: Mapping[str, str] | None = None,
+    dashed: Sequence[str] = (),
+) -> Figure:
+    """One line with markers per named series ``name -> (xs, ys)`` (``None`` or non-finite ys are gaps), legend
+    outside the axes. ``logx_base``: a log x axis of that base, ticked at the data's x values; ``reference``
+    ``(y, label)``: a dashed grey horizontal line (a threshold, a criterion); ``groups``: series name -> group,
+    series of one group share a colour; ``dashed``: series drawn dashed (e.g. a corrected variant)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _require_title(title)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    group_of = {name: (groups or {}).get(name, name) for name in series}
+    colour = {g: palette[i % len(palette)] for i, g in enumerate(dict.fromkeys(group_of.values()))}
+    ticks: set[float] = set()
+    for name, (xs, ys) in series.items():
+        values = [math.nan if y is None or not math.isfinite(float(y)) else float(y) for y in ys]
+        ticks.update(float(x) for x in xs)
+        ax.plot(
+            [float(x) for x in xs],
+            values,
+            marker="o",
+            label=name,
+            color=colour[group_of[name]],
+            linestyle="--" if name in dashed else "-",
+        )
+    if reference is not None:
+        ax.axhline(reference[0], color="0.4", linestyle="--", linewidth=1.0, label=reference[1])
+    if logx_base is not None:
+        ax.set_xscale("log", base=logx_base)
+        ax.set_xticks(sorted(ticks), [f"{x:g}" for x in sorted(ticks)])
+        ax.minorticks_off()
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(**LEGEND_OUTSIDE, fontsize="small")
+    fig.suptitle(title, fontsize="medium")
+    return fig

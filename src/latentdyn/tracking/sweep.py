@@ -107,6 +107,9 @@ class SummarySpec:
     columns: list[str] | None = None
     heatmap_metric: str | None = None
     heatmap_center: float | None = None
+    #: The experiment's own aggregate: ``_target_`` (``fn(sweep_dir, jobs, settings) -> written paths``) and
+    #: its settings (the node's other keys).
+    aggregate: dict[str, Any] | None = None
 
 
 @dataclass
@@ -136,6 +139,8 @@ class SweepSummary:
     csv_path: Path
     heatmap_path: Path | None
     heatmap_note: str | None = None
+    #: Files the experiment's own aggregate wrote (``sweep_summary.aggregate``).
+    extra_paths: list[Path] = field(default_factory=list)
 
 
 # --- reading a sweep directory ---------------------------------------------------------------------------
@@ -257,11 +262,16 @@ def read_spec(node: Any) -> SummarySpec:
             log.warning("sweep_summary.heatmap.center must be a number, got %r: ignored", heatmap["center"])
     elif isinstance(heatmap, str):
         metric = heatmap
+    aggregate = node.get("aggregate")
+    if aggregate is not None and not (isinstance(aggregate, Mapping) and aggregate.get("_target_")):
+        log.warning("sweep_summary.aggregate must be a node with a _target_, got %r: ignored", aggregate)
+        aggregate = None
     return SummarySpec(
         rank_by=names(node.get("rank_by"), "rank_by") or [],
         columns=names(node.get("columns"), "columns"),
         heatmap_metric=metric,
         heatmap_center=center,
+        aggregate=dict(aggregate) if aggregate is not None else None,
     )
 
 
@@ -509,6 +519,7 @@ def write_sweep_summary(sweep_dir: Path) -> SweepSummary:
             "jobs": [job.as_dict() for job in jobs],
         },
     )
+    extra = run_aggregate(sweep.spec.aggregate, sweep.sweep_dir, jobs)
     return SweepSummary(
         sweep_dir=sweep.sweep_dir,
         experiment=sweep.experiment,
@@ -522,7 +533,25 @@ def write_sweep_summary(sweep_dir: Path) -> SweepSummary:
         csv_path=csv_path,
         heatmap_path=heatmap_path,
         heatmap_note=note,
+        extra_paths=extra,
     )
+
+
+def run_aggregate(node: Mapping[str, Any] | None, sweep_dir: Path, jobs: Sequence[JobRecord]) -> list[Path]:
+    """Call the experiment's own aggregate (``sweep_summary.aggregate``) and return the files it wrote; a
+    failure is logged, not raised: the generic tables are written already."""
+    if not node:
+        return []
+    from hydra.utils import get_method
+
+    settings = {k: v for k, v in node.items() if k != "_target_"}
+    try:
+        return [Path(p) for p in get_method(str(node["_target_"]))(sweep_dir, list(jobs), settings)]
+    except Exception as exc:
+        log.error(
+            "sweep %s: the aggregate %s failed: %s: %s", sweep_dir, node["_target_"], type(exc).__name__, exc
+        )
+        return []
 
 
 def _fmt(value: Any) -> str:
@@ -563,6 +592,7 @@ def format_summary(summary: SweepSummary, max_rows: int = 10) -> str:
     written = [summary.results_path.name, summary.csv_path.name]
     if summary.heatmap_path is not None:
         written.append(summary.heatmap_path.name)
+    written += [p.name for p in summary.extra_paths]
     lines.append(f"wrote {', '.join(written)} in {summary.sweep_dir}")
     if summary.heatmap_note:
         lines.append(f"heat map skipped: {summary.heatmap_note}")
