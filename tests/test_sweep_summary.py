@@ -413,3 +413,71 @@ def test_simple_comma_grid_matches_hydras_for_plain_values() -> None:
         ["correction.sigma=0.1", "correction.n_steps=3", "seed=0"],
     ]
     assert _simple_grid(arguments) == expected
+
+
+def record_aggregate(sweep_dir: Path, jobs: list, settings: dict) -> list[Path]:
+    """An experiment aggregate for the tests: records what it was given."""
+    out = Path(sweep_dir) / "aggregate.json"
+    out.write_text(
+        json.dumps({"jobs": [j.job for j in jobs], "statuses": [j.status for j in jobs], **settings})
+    )
+    return [out]
+
+
+def failing_aggregate(sweep_dir: Path, jobs: list, settings: dict) -> list[Path]:
+    raise RuntimeError("aggregate broke")
+
+
+def test_the_experiments_own_aggregate_runs_after_the_tables(tmp_path: Path) -> None:
+    sweep = tmp_path / "sw"
+    spec = {"rank_by": [ERR], "aggregate": {"_target_": f"{__name__}.record_aggregate", "target_k": 4}}
+    write_job(sweep, 0, ["seed=0"], "completed", {ERR: 2.0}, spec=spec)
+    write_job(sweep, 1, ["seed=1"], "completed", {ERR: 1.0}, spec=spec)
+    summary = write_sweep_summary(sweep)
+    recorded = json.loads((sweep / "aggregate.json").read_text())
+    assert recorded == {"jobs": [1, 0], "statuses": ["completed", "completed"], "target_k": 4}
+    assert summary.extra_paths == [sweep.resolve() / "aggregate.json"]
+    assert "aggregate.json" in format_summary(summary)
+
+
+def test_a_failing_aggregate_is_logged_and_the_tables_are_kept(tmp_path: Path, caplog) -> None:
+    sweep = tmp_path / "sw"
+    spec = {"rank_by": [ERR], "aggregate": {"_target_": f"{__name__}.failing_aggregate"}}
+    write_job(sweep, 0, ["seed=0"], "completed", {ERR: 2.0}, spec=spec)
+    with caplog.at_level(logging.ERROR, logger="latentdyn.tracking.sweep"):
+        summary = write_sweep_summary(sweep)
+    assert "aggregate broke" in caplog.text and summary.extra_paths == []
+    assert (sweep / "summary.csv").exists() and (sweep / "sweep_results.json").exists()
+
+
+def test_exp11_aggregate_merges_the_sigma_jobs_and_picks_the_best_sigma(tmp_path: Path) -> None:
+    from latentdyn.experiments.exp11_consistency_rollout import summarise_sigma_sweep
+
+    sweep = tmp_path / "sw"
+    spec = {"aggregate": {"_target_": f"{summarise_sigma_sweep.__module__}.summarise_sigma_sweep",
+                          "target_k": 4, "max_nan_share": 0.5}}  # fmt: skip
+    errors = {0.1: (1.5, 0.0), 0.5: (0.8, 0.7), 1.0: (1.1, 0.2)}  # σ: (error at k=4, NaN share)
+    for num, (sigma, (err, nan)) in enumerate(errors.items()):
+        job = write_job(sweep, num, [f"sigma={sigma}"], "completed", {ERR: err}, spec=spec)
+        entries = [
+            {"condition": "c", "sigma": None, "k": 4, "final_state_err": 2.0, "nan_share": 0.0},
+            {"condition": "c_tweedie", "sigma": sigma, "k": 4, "final_state_err": err, "nan_share": nan},
+        ]
+        (job / "sigma_sweep.json").write_text(json.dumps(entries))
+    write_job(sweep, 3, ["sigma=2.0"], "failed", error={"type": "ValueError", "message": "x"}, spec=spec)
+    summary = write_sweep_summary(sweep)
+    merged = json.loads((sweep / "sigma_sweep.json").read_text())
+    assert sorted((e["condition"], e["sigma"]) for e in merged if e["sigma"] is not None) == [
+        ("c_tweedie", 0.1),
+        ("c_tweedie", 0.5),
+        ("c_tweedie", 1.0),
+    ]
+    assert [e["condition"] for e in merged].count("c") == 1  # the uncorrected condition once
+    best = json.loads((sweep / "best_sigmas.json").read_text())["c_tweedie"]
+    assert best["best_sigma"] == 1.0 and best["state_err"] == 1.1 and best["uncorrected_state_err"] == 2.0
+    assert (sweep / "sigma_sweep.png").read_bytes()[:8] == PNG_MAGIC
+    assert {p.name for p in summary.extra_paths} == {
+        "sigma_sweep.json",
+        "best_sigmas.json",
+        "sigma_sweep.png",
+    }
