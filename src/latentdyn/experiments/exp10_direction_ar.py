@@ -112,4 +112,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
             "audio": audio_means,
         },
     )
-    return {k: v for k, v in key.items() if not k.startswith("top_p/") and "_k2" not in k and "_k8" not in k}
+    return table_metrics(key, [int(k) for k in cfg.rollout.k_values])
+
+
+def table_metrics(key: dict[str, float], k_values: list[int]) -> dict[str, float]:
+    """The results-table entries (``metrics.json`` has every one): the teacher-forced scores, each strategy's
+    state error after 4 steps and after the longest rollout, and the decoded rollouts' log-mel distances."""
+    shown = {f"_k{k}" for k in (4, max(k_values))}
+    return {
+        name: value
+        for name, value in key.items()
+        if name.startswith(("tf/", "audio/")) or any(name.endswith(f"/state_err{k}") for k in shown)
+    }

@@ -183,7 +183,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         mdn = load_dynamics(mdn_ckpt)
         if int(mdn.horizon) != 1 or mdn.horizon_mode != "lag":
             raise ValueError(f"mdn={mdn_ckpt}: a frame-by-frame rollout needs a k = 1 lag model")
-        check_same_store([("direction AR", store), ("MDN", store_of_checkpoint(cfg, mdn.run_config))])
+        check_same_store(
+            [("direction AR", store), ("MDN", store_of_checkpoint(cfg, mdn.run_config))],
+            ". Pass the MDN of the direction AR's store (mdn=latest:exp5_betavae/<its variant>, or a k = 1 "
+            "checkpoint trained on it) or skip_mdn=true",
+        )
         models["mdn"], checkpoints["mdn"] = mdn.net, str(mdn_ckpt)
 
     # The rollout window holds the longest context any model reads; each reads its own last frames.

@@ -170,12 +170,16 @@ def dynamics_stepper(net: Any, store: LatentStore, predict: str) -> Any:
     return step
 
 
-def check_same_store(what: Sequence[tuple[str, LatentStore]]) -> None:
+def check_same_store(what: Sequence[tuple[str, LatentStore]], hint: str = "") -> None:
     """ValueError unless every named model was trained on one latent store (the same directory)."""
     roots = {str(Path(store.root).resolve()) for _, store in what}
     if len(roots) > 1:
-        detail = "; ".join(f"{name}: {store.root}" for name, store in what)
-        raise ValueError(f"these were trained on different latent stores and cannot be compared: {detail}")
+        detail = "; ".join(
+            f"{name}: {store.root} ({store.meta.get('representation')})" for name, store in what
+        )
+        raise ValueError(
+            f"these were trained on different latent stores and cannot be compared: {detail}{hint}"
+        )
 
 
 def resolve_run_checkpoint(value: str, manifest: Path, experiment: str, patterns: Sequence[str]) -> Path:
