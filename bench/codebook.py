@@ -20,6 +20,7 @@ Run: ``uv run python bench/codebook.py [--n 1000000] [--k 1024] [--quick]`` (def
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -122,6 +123,7 @@ def main() -> None:
         f"max_iter {args.sk_max_iter}, batch {args.sk_batch_size}\n"
     )
 
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     cb_faiss = fit_kmeans(x_train, k, spherical=True, seed=args.seed, n_iter=args.faiss_iter, n_init=1)
     t_faiss = time.perf_counter() - t0
@@ -132,8 +134,13 @@ def main() -> None:
     t_sk = time.perf_counter() - t0
     print(
         f"MiniBatchKMeans fit: {t_sk:.1f} s ({sk_info['n_iter']} epochs, {sk_info['n_steps']} mini-batch "
-        f"steps before its early stop)\n",
+        f"steps before its early stop)",
         flush=True,
+    )
+    print(
+        f"1-min load average before the fits {load_before:.2f}, after {os.getloadavg()[0]:.2f} (the fits "
+        f"alone bring it towards {faiss.omp_get_max_threads()}; well above that, other processes competed "
+        f"for the cores and the times are noisy)\n"
     )
 
     rows = [

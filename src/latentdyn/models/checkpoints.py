@@ -71,3 +71,22 @@ def refusing_to_load(path: Path, exc: pickle.UnpicklingError) -> ValueError:
         "which could run code when unpickled. latentdyn writes checkpoints that load with "
         "torch.load(weights_only=True); pass a checkpoint written by a latentdyn run."
     )
+
+
+def load_module_checkpoint(cls: Any, path: str | Path, what: str, map_location: Any = "cpu") -> Any:
+    """``cls.load_from_checkpoint(path)`` (a latentdyn LightningModule) in eval mode, unpickling only tensors and
+    plain data (``weights_only=True``: a crafted file cannot run code).
+
+    Raises:
+        FileNotFoundError: no such file (the message names ``what`` it should hold).
+        ValueError: the file holds anything else (it is not a latentdyn checkpoint, or was tampered with).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(LEGACY_SAFE_GLOBALS):
+            model = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise refusing_to_load(path, exc) from None
+    return model.eval()

@@ -17,7 +17,6 @@ rollout; the reference sampled it there, which blew its state error up at k = 16
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 
-from latentdyn.models.checkpoints import EmbedsRunConfig, refusing_to_load
+from latentdyn.models.checkpoints import EmbedsRunConfig, load_module_checkpoint
 from latentdyn.models.codebook import nearest_codeword
 from latentdyn.models.distributions import soft_clamp
 
@@ -257,11 +256,4 @@ class DirectionARModule(EmbedsRunConfig, pl.LightningModule):
 def load_direction_ar(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     """A trained direction AR (its Lightning module, eval mode; ``weights_only`` loading: tensors and plain
     data only). FileNotFoundError without the file; ValueError for a file holding anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"direction AR checkpoint not found: {path}")
-    try:
-        model = DirectionARModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise refusing_to_load(path, exc) from None
-    return model.eval()
+    return load_module_checkpoint(DirectionARModule, path, "direction AR", map_location)

@@ -9,7 +9,6 @@ config of the run that produced them.
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from latentdyn.models.checkpoints import LEGACY_SAFE_GLOBALS, EmbedsRunConfig, refusing_to_load
+from latentdyn.models.checkpoints import EmbedsRunConfig, load_module_checkpoint
 from latentdyn.models.net import DynamicsNet
 from latentdyn.models.protocol import DeltaPredictive
 
@@ -130,12 +129,4 @@ def load_dynamics(path: str | Path, map_location: str | torch.device = "cpu") ->
         FileNotFoundError: no such file.
         ValueError: the file holds anything else (it is not a latentdyn checkpoint, or was tampered with).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"dynamics checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals(LEGACY_SAFE_GLOBALS):
-            model = DynamicsModel.load_from_checkpoint(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise refusing_to_load(path, exc) from None
-    return model.eval()
+    return load_module_checkpoint(DynamicsModel, path, "dynamics", map_location)

@@ -21,7 +21,6 @@ noise levels spread over the embedding's frequencies; the reference embedded σ 
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from latentdyn.models.checkpoints import EmbedsRunConfig, refusing_to_load
+from latentdyn.models.checkpoints import EmbedsRunConfig, load_module_checkpoint
 
 #: Hidden width by latent dimension when ``hidden_dim`` is not set: the reference's 1024 for Mimi's 512-d
 #: latents and 512 for the 32-d β-VAE's; the switch is at this dimension.
@@ -246,11 +245,4 @@ def load_score_model(path: str | Path, map_location: str | torch.device = "cpu")
         FileNotFoundError: no such file.
         ValueError: the file holds Python objects other than tensors and plain data.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"score-model checkpoint not found: {path}")
-    try:
-        model = ScoreModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise refusing_to_load(path, exc) from None
-    return model.eval()
+    return load_module_checkpoint(ScoreModule, path, "score-model", map_location)
