@@ -16,13 +16,11 @@ from latentdyn.models.codebook import (
     divergence,
     divergence_slope,
     fit_kmeans,
-    moving_deltas,
     near_zero_fractions,
     nearest_codeword,
     quantised_trajectory,
     unit_rows,
     usage_stats,
-    utterance_deltas,
 )
 
 
@@ -111,15 +109,35 @@ def test_near_zero_shares_and_the_moving_filter() -> None:
         "near_zero_0.5": 5 / 8,
     }
     deltas = norms[:, None] * np.array([[1.0, 0.0]])
-    assert len(moving_deltas(deltas, 0.01)) == 5
     with pytest.raises(ValueError, match="zero norm"):
         unit_rows(deltas)
 
 
-def test_deltas_never_cross_an_utterance_boundary() -> None:
-    a = np.array([[0.0], [1.0], [3.0]])
-    b = np.array([[10.0], [10.5]])
-    np.testing.assert_array_equal(utterance_deltas([a, b]), [[1.0], [2.0], [0.5]])
+def test_split_samples_take_deltas_within_utterances_and_drop_near_zero_ones(tmp_path) -> None:
+    from latentdyn.data.latent_store import LatentStore, LatentStoreWriter
+    from latentdyn.pipeline.stage3 import sample_split, split_delta_norms
+
+    meta = {
+        "representation": "toy",
+        "sample_rate": 16000,
+        "frame_rate": 12.5,
+        "weights": {"source": "random"},
+    }
+    a = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 0.001], [4.0, 0.001]], dtype=np.float32)
+    b = np.array([[10.0, 0.0], [10.0, 0.5]], dtype=np.float32)
+    with LatentStoreWriter(tmp_path / "s", 2, meta) as writer:
+        writer.add("a", "spk", "train", a, np.zeros(4, np.float32))
+        writer.add("b", "spk", "train", b, np.zeros(2, np.float32))
+    store = LatentStore(tmp_path / "s")
+    # Deltas never cross the utterance boundary (10 - 4): 1, 0.001, 3 in a; 0.5 in b.
+    np.testing.assert_allclose(np.sort(split_delta_norms(store, "train")), [0.001, 0.5, 1.0, 3.0], rtol=1e-3)
+    sample = sample_split(store, "train", min_norm=0.01, max_points=None, seed=0)
+    assert (sample.n_moving, sample.n_states) == (3, 6)
+    np.testing.assert_allclose(sample.moving, [[1.0, 0.0], [3.0, 0.0], [0.0, 0.5]], atol=1e-3)
+    small = sample_split(store, "train", min_norm=0.01, max_points=2, seed=0)
+    assert len(small.states) < 6 and small.n_states == 6
+    again = sample_split(store, "train", min_norm=0.01, max_points=2, seed=0)
+    np.testing.assert_array_equal(small.states, again.states)
 
 
 def _walk(seed: int, steps: int = 30, dim: int = 3) -> np.ndarray:

@@ -48,20 +48,17 @@ from latentdyn.models.codebook import (
     angular_error_deg,
     assign_cosine,
     assign_l2,
-    delta_norms,
     divergence,
     divergence_slope,
     fit_kmeans,
-    moving_deltas,
     near_zero_fractions,
     quantised_trajectory,
     unit_rows,
     usage_stats,
-    utterance_deltas,
 )
 from latentdyn.pipeline.audio import utterance_latents
 from latentdyn.pipeline.common import write_csv_rows
-from latentdyn.pipeline.stage3 import CODEBOOK_FORMAT, resolve_store, trajectories
+from latentdyn.pipeline.stage3 import CODEBOOK_FORMAT, resolve_store, sample_split, split_delta_norms
 from latentdyn.tracking.run import METRICS_NAME, write_json
 
 log = logging.getLogger(__name__)
@@ -186,19 +183,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if unknown or not sizes or min(sizes) < 1:
         raise ValueError(f"codebook.kinds must be among {KINDS} and sizes positive, got {kinds}, {sizes}")
 
-    train = [x for _, x in trajectories(store, TRAIN)]
-    evaluation = [x for _, x in trajectories(store, str(cfg.split))]
-    train_norms = delta_norms(utterance_deltas(train))
+    train_norms = split_delta_norms(store, TRAIN)
     median = float(np.median(train_norms))
     min_norm = float(cfg.kmeans.near_zero_factor) * median
-    train_moving = moving_deltas(utterance_deltas(train), min_norm)
-    eval_deltas = utterance_deltas(evaluation)
-    eval_moving = moving_deltas(eval_deltas, min_norm)
-    train_data = {"units": unit_rows(train_moving), "moving": train_moving, "states": np.concatenate(train)}
-    eval_data = {"moving": eval_moving, "states": np.concatenate(evaluation)}
+    max_points = None if cfg.kmeans.max_points is None else int(cfg.kmeans.max_points)
+    train = sample_split(store, TRAIN, min_norm, max_points, int(cfg.seed))
+    evaluation = sample_split(store, str(cfg.split), min_norm, max_points, int(cfg.seed) + 1)
+    train_data = {"units": unit_rows(train.moving), "moving": train.moving, "states": train.states}
+    eval_data = {"moving": evaluation.moving, "states": evaluation.states}
     log.info(
-        "train: %d deltas (%d moving, median norm %.4g); eval (%s): %d deltas",
-        len(train_norms), len(train_moving), median, cfg.split, len(eval_deltas),
+        "train: %d deltas (%d moving, median norm %.4g; %d sampled); eval (%s): %d moving deltas (%d sampled)",
+        len(train_norms), train.n_moving, median, len(train.moving), cfg.split, evaluation.n_moving,
+        len(evaluation.moving),
     )  # fmt: skip
 
     codebooks: dict[tuple[str, int], np.ndarray] = {}
@@ -226,7 +222,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     write_csv_rows(rows, run_dir / "summary.csv")
 
     near_zero = near_zero_fractions(
-        delta_norms(eval_deltas), median, [float(f) for f in cfg.kmeans.near_zero_factors]
+        split_delta_norms(store, str(cfg.split)), median, [float(f) for f in cfg.kmeans.near_zero_factors]
     )
     decision = go_decision(rows, float(cfg.go.max_angle_deg), int(cfg.go.max_K))
     _plot(cfg, rows, store)
@@ -244,9 +240,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 "train_median": median,
                 "near_zero_threshold": min_norm,
                 "train_deltas": int(len(train_norms)),
-                "train_moving": int(len(train_moving)),
-                "eval_deltas": int(len(eval_deltas)),
-                "eval_moving": int(len(eval_moving)),
+                "train_moving": train.n_moving,
+                "train_moving_sampled": int(len(train.moving)),
+                "eval_moving": evaluation.n_moving,
+                "eval_moving_sampled": int(len(evaluation.moving)),
             },
             "near_zero_fractions": near_zero,
             "codebooks": rows,

@@ -9,6 +9,7 @@ give one codebook on CPU.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,16 +17,11 @@ import torch
 
 #: Codebook kinds Exp 8 compares: unit directions (spherical k-means), raw deltas, states (VQ).
 KINDS: tuple[str, ...] = ("direction", "raw_delta", "state")
+#: Below this many points per centroid (faiss's own threshold) a codebook is warned about.
+FEW_POINTS_PER_CENTROID = 39
+
+log = logging.getLogger(__name__)
 NORM_FLOOR = 1e-12
-
-
-def utterance_deltas(trajectories: Sequence[np.ndarray]) -> np.ndarray:
-    """One-frame deltas ``x[t] - x[t-1]`` within each ``(T, D)`` trajectory, concatenated ``(Σ(T-1), D)``
-    float32 (never across an utterance boundary)."""
-    parts = [np.diff(np.asarray(x, dtype=np.float32), axis=0) for x in trajectories if len(x) > 1]
-    if not parts:
-        raise ValueError("no trajectory has two frames: there is no delta")
-    return np.concatenate(parts).astype(np.float32, copy=False)
 
 
 def delta_norms(deltas: np.ndarray) -> np.ndarray:
@@ -35,19 +31,12 @@ def delta_norms(deltas: np.ndarray) -> np.ndarray:
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
     """Rows of ``x`` ``(N, D)`` scaled to unit L2 norm (float32); a zero row is an error (its direction is
-    undefined: drop near-zero deltas first, :func:`moving_deltas`)."""
+    undefined: drop near-zero deltas first)."""
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if np.any(norms <= NORM_FLOOR):
         raise ValueError(f"{int(np.sum(norms <= NORM_FLOOR))} rows have zero norm: no direction")
     return (x / norms).astype(np.float32)
-
-
-def moving_deltas(deltas: np.ndarray, min_norm: float) -> np.ndarray:
-    """The deltas whose norm is at least ``min_norm`` (the reference drops those below 0.01 × the median
-    norm: their direction is noise)."""
-    keep = delta_norms(deltas) >= float(min_norm)
-    return np.asarray(deltas, dtype=np.float32)[keep]
 
 
 def near_zero_fractions(norms: np.ndarray, median: float, factors: Sequence[float]) -> dict[str, float]:
@@ -64,6 +53,7 @@ def fit_kmeans(
     """k-means centroids ``(K, D)`` float32 of ``x`` ``(N, D)`` with faiss (seeded; ``spherical``: cosine
     objective with unit-norm centroids, ``x`` must be unit rows). faiss trains on at most 256 points per
     centroid (a seeded subsample of larger ``x``), as its default."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is not news
     import faiss
 
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -73,9 +63,14 @@ def fit_kmeans(
         raise ValueError(f"need 1 <= K <= N points, got K={n_clusters}, N={len(x)}")
     if spherical and not np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-4):
         raise ValueError("spherical k-means needs unit rows (unit_rows)")
+    if len(x) < FEW_POINTS_PER_CENTROID * n_clusters:
+        log.warning(
+            "k-means of %d points into K=%d: fewer than %d points per centroid, the codebook will be noisy",
+            len(x), n_clusters, FEW_POINTS_PER_CENTROID,
+        )  # fmt: skip
     km = faiss.Kmeans(
         x.shape[1], int(n_clusters), niter=int(n_iter), nredo=int(n_init), seed=int(seed),
-        spherical=bool(spherical), verbose=False,
+        spherical=bool(spherical), verbose=False, min_points_per_centroid=1,
     )  # fmt: skip
     km.train(x)
     centroids = np.asarray(km.centroids, dtype=np.float32).reshape(int(n_clusters), x.shape[1])

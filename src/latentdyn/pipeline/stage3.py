@@ -145,6 +145,53 @@ def trajectories(store: LatentStore, split: str) -> list[tuple[str, np.ndarray]]
     ]
 
 
+def split_delta_norms(store: LatentStore, split: str) -> np.ndarray:
+    """``‖x[t] - x[t-1]‖`` of every one-frame delta within the utterances of ``split`` ``(N,)`` float64, read one
+    utterance at a time (a 512-d store of 100 h does not fit in memory as float32 deltas)."""
+    parts = [
+        np.linalg.norm(np.diff(np.asarray(store.utterance_latents(u), dtype=np.float64), axis=0), axis=1)
+        for u in store.utterances(split)
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+@dataclass
+class FrameSample:
+    """A seeded sample of a split's moving deltas ``(M, D)`` and frames ``(S, D)`` (float32), and how many of
+    each the split holds."""
+
+    moving: np.ndarray
+    states: np.ndarray
+    n_moving: int
+    n_states: int
+
+
+def sample_split(
+    store: LatentStore, split: str, min_norm: float, max_points: int | None, seed: int
+) -> FrameSample:
+    """Deltas of norm ≥ ``min_norm`` and frames of ``split``, each kept with probability ``max_points / total``
+    (all of them when they number at most ``max_points``; None: all), one utterance at a time."""
+    norms = split_delta_norms(store, split)
+    n_moving = int(np.sum(norms >= min_norm))
+    n_states = int(sum(u.n_frames for u in store.utterances(split)))
+    if n_moving == 0:
+        raise ValueError(f"split {split!r} of {store.root} has no delta of norm >= {min_norm:g}")
+
+    def share(total: int) -> float:
+        return 1.0 if max_points is None or total <= max_points else float(max_points) / total
+
+    keep_moving, keep_state = share(n_moving), share(n_states)
+    rng = np.random.default_rng(seed)
+    moving, states = [], []
+    for utt in store.utterances(split):
+        x = np.asarray(store.utterance_latents(utt), dtype=np.float32)
+        deltas = np.diff(x, axis=0)
+        chosen = np.linalg.norm(deltas.astype(np.float64), axis=1) >= min_norm
+        moving.append(deltas[chosen & (rng.random(len(deltas)) < keep_moving)])
+        states.append(x[rng.random(len(x)) < keep_state])
+    return FrameSample(np.concatenate(moving), np.concatenate(states), n_moving, n_states)
+
+
 def direction_ar_stepper(net: Any, strategy: str, top_p: float = 0.9) -> Any:
     """One rollout step of a direction AR net (raw latents): ``m · c_a`` by ``strategy``, from the last
     ``net.context`` frames of the rollout's window."""
