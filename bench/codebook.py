@@ -2,7 +2,7 @@
 
 The reference study fitted its direction codebooks with ``MiniBatchKMeans(init="k-means++", n_init=1,
 max_iter=300, batch_size=4096)`` on the unit deltas and renormalised the centroids; this project fits them with
-faiss spherical k-means (``latentdyn.models.codebook.fit_kmeans(spherical=True)``, Exp 8's ``n_iter: 100``).
+faiss spherical k-means (``latentdyn.models.codebook.fit_kmeans(spherical=True)``, Exp 8's ``n_iter: 25``).
 Both are fitted on the same N unit vectors in D = 32, drawn seeded as a mixture around 4096 random unit
 directions with a von-Mises-like spread (``normalise(mu_c + spread * gaussian)``), so the data have the
 cluster structure of real latent deltas. faiss trains on at most 256 points per centroid (a seeded subsample
@@ -11,8 +11,9 @@ of N, its default, which ``fit_kmeans`` keeps); MiniBatchKMeans streams over all
 Measured: wall time of each fit (``time.perf_counter``, the fit alone, not the data), and on one held-out set
 of fresh vectors from the same mixture, assigned to each codebook by cosine: the mean and median angle to the
 assigned codeword (degrees) and the utilisation (share of codewords with >= 0.1 % of the assignments). Both
-libraries use their default thread count (the machine's cores). Target: faiss >= 5x faster than
-MiniBatchKMeans, with a mean angular error no worse than MiniBatchKMeans' + 0.5 degrees (PASS/FAIL each).
+libraries use their default thread count (the machine's cores). Printed side by side with the speed-up
+t_sklearn / t_faiss (no target: issue 12 asks for the figures); one check: faiss's mean angular error is no
+worse than MiniBatchKMeans' + 0.5 degrees (PASS/FAIL), i.e. the faster fit is not a worse codebook.
 A measurement, not a test: exits 0 whenever it could measure.
 Run: ``uv run python bench/codebook.py [--n 1000000] [--k 1024] [--quick]`` (defaults: a few minutes on 2 cores).
 """
@@ -27,7 +28,6 @@ import numpy as np
 
 from latentdyn.models.codebook import angular_error_deg, assign_cosine, fit_kmeans, unit_rows, usage_stats
 
-SPEED_TARGET = 5.0
 ANGLE_TOLERANCE_DEG = 0.5
 
 
@@ -83,10 +83,10 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=None, help="codebook size (default 1024; --quick 256)")
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--centres", type=int, default=4096, help="mixture components of the data")
-    parser.add_argument("--spread", type=float, default=0.35, help="gaussian scale around each unit centre")
+    parser.add_argument("--spread", type=float, default=0.15, help="gaussian scale around each unit centre")
     parser.add_argument("--n-eval", type=int, default=100_000, help="held-out evaluation vectors")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--faiss-iter", type=int, default=100, help="faiss iterations (Exp 8's n_iter)")
+    parser.add_argument("--faiss-iter", type=int, default=25, help="faiss iterations (Exp 8's n_iter)")
     parser.add_argument(
         "--sk-max-iter", type=int, default=300, help="MiniBatchKMeans max_iter (reference: 300)"
     )
@@ -164,12 +164,8 @@ def main() -> None:
     speedup = t_sk / t_faiss
     diff = rows[0][2]["mean"] - rows[1][2]["mean"]
     diff_median = rows[0][2]["median"] - rows[1][2]["median"]
-    speed_ok = speedup >= SPEED_TARGET
     angle_ok = diff <= ANGLE_TOLERANCE_DEG
-    print(
-        f"\nspeed-up t_sklearn / t_faiss: {speedup:6.2f}x  (target >= {SPEED_TARGET:g}x): "
-        f"{'PASS' if speed_ok else 'FAIL'}"
-    )
+    print(f"\nspeed-up t_sklearn / t_faiss: {speedup:6.2f}x")
     print(
         f"mean angle faiss - sklearn: {diff:+6.3f} deg (median {diff_median:+.3f})  "
         f"(target <= +{ANGLE_TOLERANCE_DEG} deg): {'PASS' if angle_ok else 'FAIL'}"

@@ -74,14 +74,19 @@ FILES = {
 }
 
 
+#: What each kind's k-means fits (a key of the train data) and whether it is spherical.
+FITS = {"direction": ("units", True), "raw_delta": ("moving", False), "state": ("states", False)}
+
+
 def fit_codebook(kind: str, k: int, data: dict[str, np.ndarray], cfg: DictConfig) -> np.ndarray:
     """The size-``k`` codebook of ``kind`` on the train data (``units``, ``moving``, ``states``)."""
-    settings = {"seed": int(cfg.seed), "n_iter": int(cfg.kmeans.n_iter), "n_init": int(cfg.kmeans.n_init)}
-    if kind == "direction":
-        return fit_kmeans(data["units"], k, spherical=True, **settings)
-    if kind == "raw_delta":
-        return fit_kmeans(data["moving"], k, spherical=False, **settings)
-    return fit_kmeans(data["states"], k, spherical=False, **settings)
+    key, spherical = FITS[kind]
+    if k > len(data[key]):
+        raise ValueError(f"K={k} exceeds the {len(data[key])} {key} to fit: use smaller kmeans.sizes")
+    return fit_kmeans(
+        data[key], k, spherical=spherical, seed=int(cfg.seed), n_iter=int(cfg.kmeans.n_iter),
+        n_init=int(cfg.kmeans.n_init),
+    )  # fmt: skip
 
 
 def eval_metrics(
@@ -148,6 +153,9 @@ def open_loop(
             write_listening_wav(out_dir, f"{key[0]}_K{key[1]}", wave, rate, out_rate, run_dir)
             record["codebooks"][f"{key[0]}_K{key[1]}"] = scores
         records.append(record)
+        log.info(
+            "open loop: %s (%d frames) rebuilt through %d codebooks", utt.utt_id, x.shape[0], len(rebuilt)
+        )
     means = {key: _mean_scores(values) for key, values in rows.items()}
     return means, records
 
@@ -181,7 +189,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     kinds = [str(k) for k in cfg.kmeans.kinds]
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown or not sizes or min(sizes) < 1:
-        raise ValueError(f"codebook.kinds must be among {KINDS} and sizes positive, got {kinds}, {sizes}")
+        raise ValueError(
+            f"kmeans.kinds must be among {KINDS} and kmeans.sizes positive, got {kinds}, {sizes}"
+        )
 
     train_norms = split_delta_norms(store, TRAIN)
     median = float(np.median(train_norms))
