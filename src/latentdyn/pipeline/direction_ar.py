@@ -81,7 +81,8 @@ def train_direction_ar(cfg: DictConfig, codebook: Codebook, logger: Any) -> tupl
         "seconds": round(time.monotonic() - t0, 3),
         "metrics": last_logged_metrics(trainer),
     }
-    return model.eval(), final, record
+    # Evaluated on CPU (teacher-forced batches and rollouts), wherever it was trained.
+    return model.cpu().eval(), final, record
 
 
 @torch.no_grad()
