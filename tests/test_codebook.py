@@ -178,3 +178,32 @@ def test_divergence_slope_is_the_least_squares_slope() -> None:
     t = np.arange(20, dtype=float)
     assert divergence_slope(0.25 * t + 3.0) == pytest.approx(0.25)
     assert divergence_slope(np.array([1.0, 2.0])) == 0.0
+
+
+def test_a_codebook_file_needs_its_store_and_unit_rows_of_its_dimension(tmp_path) -> None:
+    from omegaconf import OmegaConf
+
+    from latentdyn.data.latent_store import LatentStoreWriter
+    from latentdyn.pipeline.stage3 import load_codebook
+
+    meta = {
+        "representation": "toy",
+        "sample_rate": 16000,
+        "frame_rate": 12.5,
+        "weights": {"source": "random"},
+    }
+    with LatentStoreWriter(tmp_path / "s", 3, meta) as writer:
+        writer.add("a", "spk", "train", np.zeros((4, 3), np.float32), np.zeros(4, np.float32))
+    good, wide, long = tmp_path / "good.npy", tmp_path / "wide.npy", tmp_path / "long.npy"
+    np.save(good, np.eye(3, dtype=np.float32))
+    np.save(wide, np.eye(4, dtype=np.float32))
+    np.save(long, 2 * np.eye(3, dtype=np.float32))
+    cfg = OmegaConf.create({"store": str(tmp_path / "s"), "paths": {"manifest": str(tmp_path / "m.jsonl")}})
+    book = load_codebook(cfg, str(good), 3)
+    assert book.size == 3 and book.store.dim == 3 and book.source == good
+    with pytest.raises(ValueError, match=r"\(K, 3\)"):
+        load_codebook(cfg, str(wide), 4)
+    with pytest.raises(ValueError, match="unit vectors"):
+        load_codebook(cfg, str(long), 3)
+    with pytest.raises(ValueError, match="store="):
+        load_codebook(OmegaConf.create({"store": None, "paths": cfg.paths}), str(good), 3)
