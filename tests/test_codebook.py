@@ -113,9 +113,9 @@ def test_near_zero_shares_and_the_moving_filter() -> None:
         unit_rows(deltas)
 
 
-def test_split_samples_take_deltas_within_utterances_and_drop_near_zero_ones(tmp_path) -> None:
+def _toy_store(root, utterances: dict[str, np.ndarray]):
+    """A latent store of train-split ``utterances`` (``utt_id -> (T, D)``)."""
     from latentdyn.data.latent_store import LatentStore, LatentStoreWriter
-    from latentdyn.pipeline.stage3 import sample_split, split_delta_norms
 
     meta = {
         "representation": "toy",
@@ -123,12 +123,19 @@ def test_split_samples_take_deltas_within_utterances_and_drop_near_zero_ones(tmp
         "frame_rate": 12.5,
         "weights": {"source": "random"},
     }
+    dim = next(iter(utterances.values())).shape[1]
+    with LatentStoreWriter(root, dim, meta) as writer:
+        for utt_id, x in utterances.items():
+            writer.add(utt_id, "spk", "train", x.astype(np.float32), np.zeros(len(x), np.float32))
+    return LatentStore(root)
+
+
+def test_split_samples_take_deltas_within_utterances_and_drop_near_zero_ones(tmp_path) -> None:
+    from latentdyn.pipeline.stage3 import sample_split, split_delta_norms
+
     a = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 0.001], [4.0, 0.001]], dtype=np.float32)
     b = np.array([[10.0, 0.0], [10.0, 0.5]], dtype=np.float32)
-    with LatentStoreWriter(tmp_path / "s", 2, meta) as writer:
-        writer.add("a", "spk", "train", a, np.zeros(4, np.float32))
-        writer.add("b", "spk", "train", b, np.zeros(2, np.float32))
-    store = LatentStore(tmp_path / "s")
+    store = _toy_store(tmp_path / "s", {"a": a, "b": b})
     # Deltas never cross the utterance boundary (10 - 4): 1, 0.001, 3 in a; 0.5 in b.
     np.testing.assert_allclose(np.sort(split_delta_norms(store, "train")), [0.001, 0.5, 1.0, 3.0], rtol=1e-3)
     sample = sample_split(store, "train", min_norm=0.01, max_points=None, seed=0)
@@ -183,17 +190,9 @@ def test_divergence_slope_is_the_least_squares_slope() -> None:
 def test_a_codebook_file_needs_its_store_and_unit_rows_of_its_dimension(tmp_path) -> None:
     from omegaconf import OmegaConf
 
-    from latentdyn.data.latent_store import LatentStoreWriter
     from latentdyn.pipeline.stage3 import load_codebook
 
-    meta = {
-        "representation": "toy",
-        "sample_rate": 16000,
-        "frame_rate": 12.5,
-        "weights": {"source": "random"},
-    }
-    with LatentStoreWriter(tmp_path / "s", 3, meta) as writer:
-        writer.add("a", "spk", "train", np.zeros((4, 3), np.float32), np.zeros(4, np.float32))
+    _toy_store(tmp_path / "s", {"a": np.zeros((4, 3), np.float32)})
     good, wide, long = tmp_path / "good.npy", tmp_path / "wide.npy", tmp_path / "long.npy"
     np.save(good, np.eye(3, dtype=np.float32))
     np.save(wide, np.eye(4, dtype=np.float32))
