@@ -134,6 +134,7 @@ def test_the_glob_finds_the_experiments() -> None:
     assert {"exp1_vmf", "exp2_injection", "phase0", "quickstart", "tier1"} <= set(_experiments())
 
 
+# In the study's order (natural sort): Exp 8 reads Exp 5's store, Exp 10 Exp 8's codebook, Exp 11 Exp 10's model.
 @pytest.mark.parametrize("name", _experiments())
 def test_every_experiment_config_runs_from_the_cli_under_smoke(shared_root: Path, name: str) -> None:
     run_id = f"glob-{name}"

@@ -7,6 +7,7 @@ experiment's pipeline (and with it torch / lightning) is imported only when a jo
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import hydra
@@ -22,8 +23,13 @@ register_resolvers()
 
 
 def available_experiments() -> list[str]:
-    """Names of the experiment configs shipped in ``conf/experiment``."""
-    return sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+    """Names of the experiment configs shipped in ``conf/experiment``, in natural order (``exp2`` before
+    ``exp10``: the study's order, in which each experiment's inputs come first)."""
+
+    def natural(name: str) -> list[Any]:
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+    return sorted((p.stem for p in (conf_dir() / "experiment").glob("*.yaml")), key=natural)
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
