@@ -11,9 +11,16 @@ from latentdyn.config import conf_dir
 EXPERIMENTS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
 
 
-def test_experiment_list_is_not_empty() -> None:
+def test_experiment_list_is_not_empty_and_in_the_studys_order() -> None:
     assert "phase0" in EXPERIMENTS
-    assert available_experiments() == EXPERIMENTS
+    listed = available_experiments()
+    assert sorted(listed) == EXPERIMENTS
+    assert (
+        listed.index("exp2_injection")
+        < listed.index("exp8_direction_codebook")
+        < listed.index("exp10_direction_ar")
+    )
+    assert listed.index("exp1_vmf") < listed.index("exp1b_vmf_rollout") < listed.index("exp2_injection")
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
