@@ -16,18 +16,22 @@ SMOKE = ["debug=smoke"]
 
 
 @pytest.mark.parametrize(
-    "experiment, needs",
+    "experiment, needs, key",
     [
-        ("exp8_direction_codebook", "exp5_betavae"),
-        ("exp10_direction_ar", "exp8_direction_codebook"),
-        ("exp11_consistency_rollout", "exp10_direction_ar"),
+        ("exp8_direction_codebook", "exp5_betavae", "store"),
+        ("exp10_direction_ar", "exp8_direction_codebook", "codebook"),
+        ("exp11_consistency_rollout", "exp10_direction_ar", "direction_ar"),
     ],
 )
-def test_each_experiment_names_the_one_to_run_first(tmp_path: Path, experiment: str, needs: str) -> None:
+def test_each_experiment_names_the_one_to_run_first(
+    tmp_path: Path, experiment: str, needs: str, key: str
+) -> None:
     from hydra.utils import get_method
 
     cfg = compose_at(tmp_path, [f"experiment={experiment}", *SMOKE], tmp_path / "run")
-    with pytest.raises(FileNotFoundError, match=f"latentdyn experiment={needs}"):
+    with pytest.raises(
+        FileNotFoundError, match=f"run `latentdyn experiment={needs}` first or pass {key}=PATH"
+    ):
         get_method(cfg.pipeline)(cfg)
 
 

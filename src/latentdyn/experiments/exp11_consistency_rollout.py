@@ -40,12 +40,12 @@ from latentdyn.pipeline.stage3 import (
     evaluate_conditions,
     per_step_csv_rows,
     plot_state_err,
-    resolve_run_checkpoint,
     rollout_audio,
     rollout_rows,
     rollout_segments,
     run_directory,
 )
+from latentdyn.tracking.lookup import resolve_checkpoint
 from latentdyn.tracking.run import METRICS_NAME, write_json
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def load_score(cfg: DictConfig, store: Any, space: RawFrames, logger: Any) -> tu
 
     if cfg.score_checkpoint in (None, ""):
         return prepare_score_model(cfg, store, space, logger)
-    path = run_directory(str(cfg.score_checkpoint), Path(cfg.paths.manifest))
+    path = run_directory(str(cfg.score_checkpoint), Path(cfg.paths.manifest), "score_checkpoint")
     if path.is_dir() and not (path / FINAL_NAME).is_file() and (path / METRICS_NAME).is_file():
         recorded = (json.loads((path / METRICS_NAME).read_text()).get("score_model") or {}).get("artifact")
         path = Path(recorded) if recorded else path
@@ -167,8 +167,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise ValueError(
             f"best_sigma.target_k={cfg.best_sigma.target_k} must be one of rollout.k_values {k_values}"
         )
-    dar_ckpt = resolve_run_checkpoint(
-        str(cfg.direction_ar), manifest, "exp10_direction_ar", ["direction_ar_final.ckpt"]
+    dar_ckpt = resolve_checkpoint(
+        str(cfg.direction_ar), manifest, "exp10_direction_ar", ["direction_ar_final.ckpt"], "direction_ar"
     )
     dar = load_direction_ar(dar_ckpt)
     if not dar.hparams.get("latent_store"):
@@ -179,7 +179,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     models: dict[str, Any] = {"direction_ar": dar.net}
     checkpoints = {"direction_ar": str(dar_ckpt)}
     if not cfg.skip_mdn:
-        mdn_ckpt = resolve_run_checkpoint(str(cfg.mdn), manifest, "exp5_betavae", ["*_k1_final.ckpt"])
+        mdn_ckpt = resolve_checkpoint(str(cfg.mdn), manifest, "exp5_betavae", ["*_k1_final.ckpt"], "mdn")
         mdn = load_dynamics(mdn_ckpt)
         if int(mdn.horizon) != 1 or mdn.horizon_mode != "lag":
             raise ValueError(f"mdn={mdn_ckpt}: a frame-by-frame rollout needs a k = 1 lag model")

@@ -39,7 +39,7 @@ from latentdyn.diagnostics.free_rollout import (
 from latentdyn.diagnostics.plots import curves_figure, figure_title, save_figure
 from latentdyn.models.protocol import point_prediction
 from latentdyn.pipeline.store import prepare_latent_store
-from latentdyn.tracking.lookup import latest_run_dir, resolve_checkpoint
+from latentdyn.tracking.lookup import latest_run_dir
 from latentdyn.tracking.run import METRICS_NAME
 
 #: ``store=run``: the run's own data and representation (a cached latent store).
@@ -47,14 +47,15 @@ RUN_STORE = "run"
 CODEBOOK_FORMAT = "codebook_K{k}.npy"
 
 
-def run_directory(value: str, manifest: Path) -> Path:
-    """A run directory from ``latest``-style references (``latest:EXPERIMENT[/SUB_RUN]``) or a path."""
+def run_directory(value: str, manifest: Path, key: str) -> Path:
+    """A run directory from ``latest``-style references (``latest:EXPERIMENT[/SUB_RUN]``) or a path; ``key``
+    is the config key ``value`` came from (for messages)."""
     if value.startswith("latest:"):
-        return latest_run_dir(manifest, value.split(":", 1)[1])
+        return latest_run_dir(manifest, value.split(":", 1)[1], key)
     path = Path(value).expanduser()
     if not path.exists():
         raise FileNotFoundError(
-            f"{path} does not exist (pass a run directory or latest:EXPERIMENT[/SUB_RUN])"
+            f"{key}={value}: {path} does not exist (pass a run directory or latest:EXPERIMENT[/SUB_RUN])"
         )
     return path
 
@@ -86,12 +87,9 @@ def resolve_store(cfg: DictConfig, value: str) -> LatentStore:
     if (path / META_FILE).is_file():
         return LatentStore(path)
     try:
-        run_dir = run_directory(value, Path(cfg.paths.manifest))
+        run_dir = run_directory(value, Path(cfg.paths.manifest), "store")
     except FileNotFoundError as err:
-        raise FileNotFoundError(
-            f"store={value}: {err}. Run the experiment it names first (e.g. `latentdyn experiment=exp5_betavae`) "
-            "or pass store=run for this run's own representation"
-        ) from None
+        raise FileNotFoundError(f"{err}, or store=run for this run's own representation") from None
     return store_of_run(run_dir)
 
 
@@ -119,12 +117,7 @@ def load_codebook(cfg: DictConfig, value: str, size: int) -> Codebook:
             raise ValueError(f"codebook={path} is a file: name the latent store it belongs to with store=...")
         vectors, store = np.load(path), resolve_store(cfg, str(cfg.store))
     else:
-        try:
-            run_dir = run_directory(value, Path(cfg.paths.manifest))
-        except FileNotFoundError as err:
-            raise FileNotFoundError(
-                f"codebook={value}: {err}. Run `latentdyn experiment=exp8_direction_codebook` first"
-            ) from None
+        run_dir = run_directory(value, Path(cfg.paths.manifest), "codebook")
         path = run_dir / CODEBOOK_FORMAT.format(k=int(size))
         if not path.is_file():
             found = sorted(p.name for p in run_dir.glob("codebook_K*.npy"))
@@ -227,15 +220,6 @@ def check_same_store(what: Sequence[tuple[str, LatentStore]], hint: str = "") ->
         raise ValueError(
             f"these were trained on different latent stores and cannot be compared: {detail}{hint}"
         )
-
-
-def resolve_run_checkpoint(value: str, manifest: Path, experiment: str, patterns: Sequence[str]) -> Path:
-    """A checkpoint from a path, a run directory, ``latest`` (the newest ``experiment`` run) or
-    ``latest:EXPERIMENT[/SUB_RUN]``, with a message naming the experiment to run first."""
-    try:
-        return resolve_checkpoint(value, manifest, experiment, list(patterns))
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err}. Run `latentdyn experiment={experiment}` first") from None
 
 
 @dataclass

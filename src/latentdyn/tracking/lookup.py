@@ -9,12 +9,13 @@ from latentdyn.tracking.manifest import iter_records
 from latentdyn.tracking.results import select_runs, summarize_runs
 
 
-def latest_run_dir(manifest: Path, experiment: str) -> Path:
+def latest_run_dir(manifest: Path, experiment: str, key: str = "checkpoint") -> Path:
     """Directory of the newest completed run of ``experiment``; a clear error if there is none.
 
     ``EXPERIMENT/NAME`` names a sub-run: the newest completed run of ``EXPERIMENT`` whose run id ends in
     ``/NAME`` (an Exp 5 variant, ``exp5_betavae/betavae_smooth``); when ``EXPERIMENT`` has no such sub-runs, the
-    folder ``NAME`` of its newest completed run (an Exp 3 representation, ``exp3_rep_compare/mimi``).
+    folder ``NAME`` of its newest completed run (an Exp 3 representation, ``exp3_rep_compare/mimi``). ``key`` is
+    the config key the reference came from, for the message when there is no such run.
     """
     name, _, sub = experiment.partition("/")
     all_runs = select_runs(summarize_runs(iter_records(manifest)), name, latest=False)
@@ -26,20 +27,22 @@ def latest_run_dir(manifest: Path, experiment: str) -> Path:
     if not runs:
         what = f"{name} run with a sub-run {sub!r}" if sub else f"{name} run"
         raise FileNotFoundError(
-            f"no completed {what} in {manifest}; run `latentdyn experiment={name}` first or pass checkpoint=PATH"
+            f"no completed {what} in {manifest}; run `latentdyn experiment={name}` first or pass {key}=PATH"
         )
     return Path(max(runs, key=lambda r: r.end_time or "").run_dir)
 
 
-def resolve_checkpoint(value: str, manifest: Path, experiment: str, patterns: str | Sequence[str]) -> Path:
+def resolve_checkpoint(
+    value: str, manifest: Path, experiment: str, patterns: str | Sequence[str], key: str = "checkpoint"
+) -> Path:
     """A checkpoint path from ``value``: a file path, a run directory, ``latest`` (newest completed run of
     ``experiment``), ``latest:EXPERIMENT`` or ``latest:EXPERIMENT/SUB_RUN`` (see :func:`latest_run_dir`). In a
     run directory, the first of ``patterns`` that matches exactly one file under ``checkpoints/`` names the
-    checkpoint.
+    checkpoint. ``key``: the config key ``value`` came from (for messages).
     """
     if value == "latest" or value.startswith("latest:"):
         source = value.split(":", 1)[1] if ":" in value else experiment
-        return resolve_checkpoint_in_dir(latest_run_dir(manifest, source), patterns)
+        return resolve_checkpoint_in_dir(latest_run_dir(manifest, source, key), patterns)
     path = Path(value).expanduser()
     if path.is_dir():
         return resolve_checkpoint_in_dir(path, patterns)
