@@ -226,7 +226,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if not cfg.skip_audio and int(cfg.n_utterances) > 0:
         entries_audio, audio_means = rollout_audio(cfg, store, conditions, window)
         write_json(run_dir / AUDIO_DIR / "manifest.json", {"files": entries_audio})
-        rows += [{"condition": f"audio_{name}", "sigma": sigma, **d} for name, d in audio_means.items()]
+        rows += [
+            {"condition": f"audio_{name}", "sigma": sigma if f"{TWEEDIE_SUFFIX}_k" in name else None, **d}
+            for name, d in audio_means.items()
+        ]
     write_csv_rows(rows, run_dir / "summary.csv")
 
     key: dict[str, float] = {}
