@@ -103,3 +103,23 @@ def test_smoke_chain_exp5_exp8_exp10_exp11(tmp_path: Path) -> None:
         }
         assert record["best_sigma"] == min(at_k4, key=at_k4.get)
     assert (e11 / "sigma_sweep.png").is_file() and (e11 / "summary.csv").is_file()
+
+
+def test_models_on_different_stores_are_refused_without_building_either_store(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from latentdyn.pipeline.injection import store_root_of_checkpoint
+    from latentdyn.pipeline.stage3 import check_same_store
+    from latentdyn.pipeline.store import latent_store_path
+
+    cfg = compose_at(tmp_path, ["experiment=exp11_consistency_rollout", *SMOKE], tmp_path / "run")
+    own = OmegaConf.to_container(cfg, resolve=True)
+    ours = latent_store_path(cfg.copy())
+    assert store_root_of_checkpoint(cfg, own) == ours
+    other = {**own, "representation": {**own["representation"], "n_mels": 40}}
+    theirs = store_root_of_checkpoint(cfg, other)
+    assert theirs != ours
+    check_same_store([("a", ours), ("b", ours)])
+    with pytest.raises(ValueError, match="different latent stores.*skip_mdn"):
+        check_same_store([("direction AR", ours), ("MDN", theirs)], ". or skip_mdn=true")
+    assert not theirs.exists() and not ours.exists()  # nothing was extracted to find out

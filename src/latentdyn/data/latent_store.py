@@ -383,6 +383,11 @@ class LatentStore:
         u = self._resolve(utt)
         return self.latents[u.start : u.start + u.n_frames]
 
+    def trajectories(self, split: str | None = None) -> list[tuple[str, np.ndarray]]:
+        """``(utt_id, (T, D) float16 memmap view)`` of every utterance of ``split`` (all when None), in row
+        order: what the rollout diagnostics draw their segments from."""
+        return [(u.utt_id, self.utterance_latents(u)) for u in self.utterances(split)]
+
     def utterance_log_energy(self, utt: StoreUtterance | int) -> np.ndarray:
         """``(T,)`` float32 read-only memmap view of one utterance's per-frame log energy (dB)."""
         u = self._resolve(utt)

@@ -70,9 +70,12 @@ def sweep_entries(results: Mapping[str, Mapping[str, Any]], sigma: float) -> lis
     """Flat entries ``{condition, sigma, k, ...summary}`` of one job's results (``sigma`` None for the
     uncorrected conditions: they do not depend on it)."""
     return [
-        {"condition": name, "sigma": sigma if name.endswith(TWEEDIE_SUFFIX) else None, **summary}
-        for name, result in results.items()
-        for summary in result["horizons"].values()
+        {
+            "condition": row["condition"],
+            "sigma": sigma if row["condition"].endswith(TWEEDIE_SUFFIX) else None,
+            **row,
+        }
+        for row in rollout_rows(results, "condition")
     ]
 
 
@@ -158,7 +161,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from latentdyn.models.direction_ar import load_direction_ar
     from latentdyn.models.dynamics import load_dynamics
     from latentdyn.models.training import job_logger
-    from latentdyn.pipeline.injection import store_of_checkpoint
+    from latentdyn.pipeline.injection import store_root_of_checkpoint
 
     run_dir = Path(cfg.run_dir)
     manifest = Path(cfg.paths.manifest)
@@ -184,7 +187,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if int(mdn.horizon) != 1 or mdn.horizon_mode != "lag":
             raise ValueError(f"mdn={mdn_ckpt}: a frame-by-frame rollout needs a k = 1 lag model")
         check_same_store(
-            [("direction AR", store), ("MDN", store_of_checkpoint(cfg, mdn.run_config))],
+            # Compared by location: a mismatched MDN's store is not built just to be refused.
+            [("direction AR", store.root), ("MDN", store_root_of_checkpoint(cfg, mdn.run_config))],
             ". Pass the MDN of the direction AR's store (mdn=latest:exp5_betavae/<its variant>, or a k = 1 "
             "checkpoint trained on it) or skip_mdn=true",
         )
@@ -216,10 +220,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     write_json(run_dir / SWEEP_NAME, entries)
     write_json(run_dir / BEST_NAME, best)
     write_csv_rows(per_step_csv_rows(results, "condition"), run_dir / "per_step.csv")
-    rows = [
-        {**row, "sigma": sigma if row["condition"].endswith(TWEEDIE_SUFFIX) else None}
-        for row in rollout_rows(results, "condition")
-    ]
+    rows = list(entries)  # summary.csv: one row per condition and k (then the audio rows)
     plot_state_err(cfg, results, run_dir / PLOT_NAME, extra=f"Tweedie σ={sigma:g}", suffix=TWEEDIE_SUFFIX)
 
     audio_means: dict[str, Any] = {}

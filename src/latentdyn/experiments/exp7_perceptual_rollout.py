@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
 from latentdyn.data.latent_store import LatentStore, StoreUtterance
 from latentdyn.diagnostics.audio_io import (
@@ -57,7 +57,7 @@ from latentdyn.diagnostics.audio_io import (
 )
 from latentdyn.models.protocol import PREDICT, DeltaModel, point_prediction
 from latentdyn.pipeline.audio import corpus_audio_paths, utterance_latents
-from latentdyn.pipeline.injection import dynamics_checkpoint
+from latentdyn.pipeline.injection import checkpoint_store_cfg, dynamics_checkpoint
 from latentdyn.pipeline.store import prepare_latent_store
 from latentdyn.representations.base import Representation
 
@@ -163,16 +163,6 @@ def splice(trajectory: torch.Tensor, inserted: torch.Tensor, start: int) -> torc
     return out
 
 
-def checkpoint_data_cfg(cfg: DictConfig, run_config: dict[str, Any]) -> DictConfig:
-    """This run's config with the checkpoint's ``data`` and ``representation`` (its latent store's)."""
-    merged = cfg.copy()
-    with open_dict(merged):
-        for key in ("data", "representation"):
-            if key in run_config:
-                merged[key] = OmegaConf.create(run_config[key])
-    return merged
-
-
 def rollout_start(n_frames: int, context: int) -> int:
     """The reference's first rolled-out frame of a ``T = n_frames`` trajectory, ``T // 3 + W``."""
     if n_frames < 1 or context < 1:
@@ -260,7 +250,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     net = model.net
     w = frame_by_frame_context(net)
     standardized = bool(net.standardized)
-    data_cfg = checkpoint_data_cfg(cfg, model.run_config)
+    data_cfg = checkpoint_store_cfg(cfg, model.run_config)
     store = prepare_latent_store(data_cfg)
     if store.dim != net.dim:
         raise ValueError(

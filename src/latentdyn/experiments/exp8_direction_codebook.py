@@ -197,7 +197,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     median = float(np.median(train_norms))
     min_norm = float(cfg.kmeans.near_zero_factor) * median
     max_points = None if cfg.kmeans.max_points is None else int(cfg.kmeans.max_points)
-    train = sample_split(store, TRAIN, min_norm, max_points, int(cfg.seed))
+    train = sample_split(store, TRAIN, min_norm, max_points, int(cfg.seed), norms=train_norms)
     evaluation = sample_split(store, str(cfg.split), min_norm, max_points, int(cfg.seed) + 1)
     train_data = {"units": unit_rows(train.moving), "moving": train.moving, "states": train.states}
     eval_data = {"moving": evaluation.moving, "states": evaluation.states}
@@ -232,7 +232,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     write_csv_rows(rows, run_dir / "summary.csv")
 
     near_zero = near_zero_fractions(
-        split_delta_norms(store, str(cfg.split)), median, [float(f) for f in cfg.kmeans.near_zero_factors]
+        evaluation.norms, median, [float(f) for f in cfg.kmeans.near_zero_factors]
     )
     decision = go_decision(rows, float(cfg.go.max_angle_deg), int(cfg.go.max_K))
     _plot(cfg, rows, store)

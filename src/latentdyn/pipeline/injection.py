@@ -34,7 +34,7 @@ from latentdyn.diagnostics.injection import (
 )
 from latentdyn.models.baselines import Baseline
 from latentdyn.pipeline.common import bank_from_store, plain
-from latentdyn.pipeline.store import prepare_latent_store, store_identity
+from latentdyn.pipeline.store import latent_store_path, prepare_latent_store, store_identity
 from latentdyn.pipeline.train import horizon_checkpoint_name, train_horizon
 from latentdyn.tracking.lookup import resolve_checkpoint
 
@@ -111,24 +111,42 @@ def dynamics_checkpoint(value: str, manifest: Path, horizon_k: int) -> Path:
     )
 
 
-def store_of_checkpoint(cfg: DictConfig, run_config: dict[str, Any]) -> LatentStore:
-    """The latent store a checkpoint was trained on: a derived store it names (Exp 4's projections), or this
-    run's config with the checkpoint's data and representation (built or reused as a cached artifact)."""
+def derived_store_of(run_config: dict[str, Any]) -> Path | None:
+    """The derived latent store a checkpoint names (Exp 4's projections), or None; FileNotFoundError when it
+    is gone."""
     variant = run_config.get("variant")  # Exp 4's variants name derived stores; Exp 5's are plain names
     derived = variant.get("latent_store") if isinstance(variant, dict) else None
-    if derived:
-        if not Path(derived).is_dir():
-            raise FileNotFoundError(
-                f"the checkpoint was trained on the derived latent store {derived}, which no longer exists; "
-                "re-run the experiment that produced it (e.g. exp4_linear_readout) to rebuild it"
-            )
-        return LatentStore(Path(derived))
+    if not derived:
+        return None
+    if not Path(derived).is_dir():
+        raise FileNotFoundError(
+            f"the checkpoint was trained on the derived latent store {derived}, which no longer exists; "
+            "re-run the experiment that produced it (e.g. exp4_linear_readout) to rebuild it"
+        )
+    return Path(derived)
+
+
+def checkpoint_store_cfg(cfg: DictConfig, run_config: dict[str, Any]) -> DictConfig:
+    """This run's config with the checkpoint's ``data`` and ``representation`` (its latent store's)."""
     store_cfg = cfg.copy()
     with open_dict(store_cfg):
         for key in ("data", "representation"):
             if key in run_config:
                 store_cfg[key] = OmegaConf.create(run_config[key])
-    return prepare_latent_store(store_cfg)
+    return store_cfg
+
+
+def store_of_checkpoint(cfg: DictConfig, run_config: dict[str, Any]) -> LatentStore:
+    """The latent store a checkpoint was trained on: a derived store it names (Exp 4's projections), or this
+    run's config with the checkpoint's data and representation (built or reused as a cached artifact)."""
+    derived = derived_store_of(run_config)
+    return LatentStore(derived) if derived else prepare_latent_store(checkpoint_store_cfg(cfg, run_config))
+
+
+def store_root_of_checkpoint(cfg: DictConfig, run_config: dict[str, Any]) -> Path:
+    """Where :func:`store_of_checkpoint`'s store lives, without building it (to compare two models' stores)."""
+    derived = derived_store_of(run_config)
+    return derived if derived else latent_store_path(checkpoint_store_cfg(cfg, run_config))
 
 
 @dataclass
@@ -158,7 +176,7 @@ def injection_inputs(model: Any, store: LatentStore, diag_cfg: DictConfig) -> In
     same start points."""
     inj = instantiate(diag_cfg)
     geometry = rollout_geometry(model)
-    trajectories = [(u.utt_id, store.utterance_latents(u)) for u in store.utterances(inj.split)]
+    trajectories = store.trajectories(inj.split)
     starts = sample_starts(trajectories, geometry, inj)
     segments = store.to_model_space(starts.segments, model.standardized)
     bank = None
@@ -199,7 +217,7 @@ def rollout_gap(model: Any, store: LatentStore, diag_cfg: DictConfig, n_utteranc
     inj = instantiate(diag_cfg)
     geometry = rollout_geometry(model)
     baseline = fit_model_baseline(model, store, inj.baseline_max_windows, inj.seed)
-    trajectories = [(u.utt_id, store.utterance_latents(u)) for u in store.utterances(inj.split)]
+    trajectories = store.trajectories(inj.split)
     sums = {"A_teacher": [0.0, 0.0], "D_rollout": [0.0, 0.0]}
     frames = used = 0
     for i in utterance_order(len(trajectories), inj):

@@ -131,13 +131,6 @@ def load_codebook(cfg: DictConfig, value: str, size: int) -> Codebook:
     return Codebook(vectors, path, store)
 
 
-def trajectories(store: LatentStore, split: str) -> list[tuple[str, np.ndarray]]:
-    """``(utt_id, (T, D) float32 raw latents)`` of every utterance of ``split``."""
-    return [
-        (u.utt_id, np.asarray(store.utterance_latents(u), dtype=np.float32)) for u in store.utterances(split)
-    ]
-
-
 def split_delta_norms(store: LatentStore, split: str) -> np.ndarray:
     """``‖x[t] - x[t-1]‖`` of every one-frame delta within the utterances of ``split`` ``(N,)`` float64, read one
     utterance at a time (a 512-d store of 100 h does not fit in memory as float32 deltas)."""
@@ -150,21 +143,28 @@ def split_delta_norms(store: LatentStore, split: str) -> np.ndarray:
 
 @dataclass
 class FrameSample:
-    """A seeded sample of a split's moving deltas ``(M, D)`` and frames ``(S, D)`` (float32), and how many of
-    each the split holds."""
+    """A seeded sample of a split's moving deltas ``(M, D)`` and frames ``(S, D)`` (float32), how many of each
+    the split holds, and the norms of all its deltas ``(N,)``."""
 
     moving: np.ndarray
     states: np.ndarray
     n_moving: int
     n_states: int
+    norms: np.ndarray
 
 
 def sample_split(
-    store: LatentStore, split: str, min_norm: float, max_points: int | None, seed: int
+    store: LatentStore,
+    split: str,
+    min_norm: float,
+    max_points: int | None,
+    seed: int,
+    norms: np.ndarray | None = None,
 ) -> FrameSample:
     """Deltas of norm ≥ ``min_norm`` and frames of ``split``, each kept with probability ``max_points / total``
-    (all of them when they number at most ``max_points``; None: all), one utterance at a time."""
-    norms = split_delta_norms(store, split)
+    (all of them when they number at most ``max_points``; None: all), one utterance at a time. ``norms``: the
+    split's :func:`split_delta_norms` when the caller has them already (else they are read here)."""
+    norms = split_delta_norms(store, split) if norms is None else norms
     n_moving = int(np.sum(norms >= min_norm))
     n_states = int(sum(u.n_frames for u in store.utterances(split)))
     if n_moving == 0:
@@ -182,7 +182,7 @@ def sample_split(
         chosen = np.linalg.norm(deltas.astype(np.float64), axis=1) >= min_norm
         moving.append(deltas[chosen & (rng.random(len(deltas)) < keep_moving)])
         states.append(x[rng.random(len(x)) < keep_state])
-    return FrameSample(np.concatenate(moving), np.concatenate(states), n_moving, n_states)
+    return FrameSample(np.concatenate(moving), np.concatenate(states), n_moving, n_states, norms)
 
 
 def direction_ar_stepper(net: Any, strategy: str, top_p: float = 0.9) -> Any:
@@ -210,13 +210,11 @@ def dynamics_stepper(net: Any, store: LatentStore, predict: str) -> Any:
     return step
 
 
-def check_same_store(what: Sequence[tuple[str, LatentStore]], hint: str = "") -> None:
-    """ValueError unless every named model was trained on one latent store (the same directory)."""
-    roots = {str(Path(store.root).resolve()) for _, store in what}
+def check_same_store(what: Sequence[tuple[str, Path]], hint: str = "") -> None:
+    """ValueError unless every named model was trained on one latent store (``(name, store directory)``)."""
+    roots = {str(Path(root).resolve()) for _, root in what}
     if len(roots) > 1:
-        detail = "; ".join(
-            f"{name}: {store.root} ({store.meta.get('representation')})" for name, store in what
-        )
+        detail = "; ".join(f"{name}: {root}" for name, root in what)
         raise ValueError(
             f"these were trained on different latent stores and cannot be compared: {detail}{hint}"
         )
@@ -333,7 +331,7 @@ def rollout_segments(cfg: DictConfig, store: Any, context: int) -> Any:
     """The eval rollout segments (``cfg.rollout``): W + max(k) GT frames each, seeded."""
     r = cfg.rollout
     return sample_segments(
-        trajectories(store, str(cfg.split)),
+        store.trajectories(str(cfg.split)),
         context,
         max(int(k) for k in r.k_values),
         int(r.n_utterances),

@@ -157,12 +157,18 @@ def batch_seconds(cfg: DictConfig, device: Any) -> float:
     return 600.0 if getattr(device, "type", str(device)) == "cuda" else 8.0
 
 
+def latent_store_path(cfg: DictConfig) -> Path:
+    """Where the latent store of ``cfg.data`` x ``cfg.representation`` lives in the cache, built or not (a run
+    reference in ``representation.checkpoint`` is resolved in ``cfg`` first)."""
+    resolve_representation_checkpoint(cfg)
+    return artifacts.artifact_path(Path(cfg.paths.cache_dir), "latents", store_spec(cfg))
+
+
 def prepare_latent_store(cfg: DictConfig) -> LatentStore:
     """The latent store of ``cfg.data`` x ``cfg.representation`` (built on first use, then reused)."""
     from latentdyn.representations.extract import extract_to_store, resolve_device
 
-    resolve_representation_checkpoint(cfg)
-    store_path = artifacts.artifact_path(Path(cfg.paths.cache_dir), "latents", store_spec(cfg))
+    store_path = latent_store_path(cfg)
 
     def build(tmp: Path) -> None:
         rep = instantiate(cfg.representation)
