@@ -29,16 +29,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from latentdyn.pipeline.betavae import (
-    COMPARISONS,
-    RECON_KEYS,
-    betavae_store,
-    reconstruction_metrics,
-    train_betavae,
-)
+from latentdyn.pipeline.betavae import COMPARISONS, betavae_reconstructor, betavae_store, train_betavae
 from latentdyn.pipeline.common import write_csv_rows
 from latentdyn.pipeline.composite import completed_runs, run_sub_experiment
-from latentdyn.pipeline.phase1 import run_phase1
+from latentdyn.pipeline.phase1 import phase1_table_metrics, run_phase1
+from latentdyn.pipeline.reconstruction import RECON_KEYS, recon_key_metrics, reconstruction_metrics
 from latentdyn.tracking.run import METRICS_NAME, write_json
 
 log = logging.getLogger(__name__)
@@ -48,9 +43,6 @@ RECON_NAME = "recon_metrics.json"
 INJECTION_COLUMNS = ("dnll", "cos", "state_err")
 #: Per-variant entries that go to the results table of the parent run (the reference's two).
 KEY_COLUMNS = ("best_dnll", "recon_mel_l1")
-#: A variant's own results-table entries (see :func:`table_metrics`).
-VARIANT_KEYS = ("dnll", "cos")
-INJECTION_KEYS = ("dnll", "cos", "state_err_at_K")
 RECON_TABLE_KEYS = ("mel_l1", "mrstft", "si_sdr", "stoi", "pesq_wb")
 
 
@@ -78,18 +70,14 @@ def run_variant(cfg: DictConfig) -> dict[str, float]:
     model.to(resolve_device(cfg.extract.device))
     recon = reconstruction_metrics(
         cfg,
-        model,
+        betavae_reconstructor(model),
         run_dir,
         n_utterances=int(recon_cfg.n_utterances),
         max_seconds=float(recon_cfg.max_seconds),
         n_samples=int(recon_cfg.n_samples),
     )
     write_json(run_dir / RECON_NAME, recon)
-    for comparison, _, _ in COMPARISONS:
-        for key in RECON_KEYS:
-            value = recon[comparison][key]["mean"]
-            if value is not None:
-                metrics[f"recon/{comparison}/{key}"] = float(value)
+    metrics.update(recon_key_metrics(recon, COMPARISONS))
     details = {
         "checkpoint": str(checkpoint),
         "latent_store": str(store.root),
@@ -100,18 +88,10 @@ def run_variant(cfg: DictConfig) -> dict[str, float]:
 
 
 def table_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """A variant's results-table entries (its ``metrics.json`` has every one): per horizon ``k{k}/dnll`` and
-    ``cos``, per injection mode ``dnll``, ``cos`` and ``state_err_at_K``, and the distances of the β-VAE's
-    reconstruction to the original (``recon/vs_original/*``) with the ceiling's ``mel_l1``."""
+    """A variant's results-table entries: Phase 1's (:func:`phase1_table_metrics`) and the distances of the
+    β-VAE's reconstruction to the original (``recon/vs_original/*``) with the ceiling's ``mel_l1``."""
     keep = {f"recon/vs_original/{k}" for k in RECON_TABLE_KEYS} | {"recon/base_codec_vs_original/mel_l1"}
-    out = {}
-    for key, value in metrics.items():
-        head, _, tail = key.rpartition("/")
-        horizon = head.startswith("k") and head[1:].isdigit() and tail in VARIANT_KEYS
-        injection = "_" in head and "/" not in head and tail in INJECTION_KEYS
-        if horizon or injection or key in keep:
-            out[key] = value
-    return out
+    return phase1_table_metrics(metrics, keep)
 
 
 def variant_metrics(cfg: DictConfig, name: str) -> dict[str, float]:

@@ -73,9 +73,12 @@ def refusing_to_load(path: Path, exc: pickle.UnpicklingError) -> ValueError:
     )
 
 
-def load_module_checkpoint(cls: Any, path: str | Path, what: str, map_location: Any = "cpu") -> Any:
-    """``cls.load_from_checkpoint(path)`` (a latentdyn LightningModule) in eval mode, unpickling only tensors and
-    plain data (``weights_only=True``: a crafted file cannot run code).
+def load_module_checkpoint(
+    cls: Any, path: str | Path, what: str, map_location: Any = "cpu", **overrides: Any
+) -> Any:
+    """``cls.load_from_checkpoint(path, **overrides)`` (a latentdyn LightningModule; ``overrides`` replace
+    recorded hyper-parameters) in eval mode, unpickling only tensors and plain data (``weights_only=True``: a
+    crafted file cannot run code).
 
     Raises:
         FileNotFoundError: no such file (the message names ``what`` it should hold).
@@ -86,7 +89,7 @@ def load_module_checkpoint(cls: Any, path: str | Path, what: str, map_location: 
         raise FileNotFoundError(f"{what} checkpoint not found: {path}")
     try:
         with torch.serialization.safe_globals(LEGACY_SAFE_GLOBALS):
-            model = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+            model = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, **overrides)
     except pickle.UnpicklingError as exc:
         raise refusing_to_load(path, exc) from None
     return model.eval()

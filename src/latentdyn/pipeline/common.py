@@ -107,17 +107,15 @@ def write_csv_rows(rows: Sequence[dict[str, Any]], path: Path) -> None:
 def budgeted_trainer(cfg: DictConfig, logger: Any, last: Path, settings: DictConfig, **overrides: Any) -> Any:
     """A resumable trainer (``build_trainer``, periodic checkpoint ``last``) for ``cfg.max_steps`` steps of a model
     other than the dynamics model (Exp 5's β-VAE, Exp 6's score model), with the clipping and validation of its
-    ``settings`` node: ``gradient_clip_val``, ``val_check_interval`` (at most the budget), ``limit_val_batches``."""
+    ``settings`` node: ``gradient_clip_val``, ``val_check_interval`` (at most the budget), ``limit_val_batches``;
+    ``overrides`` (Trainer arguments) win over them."""
     from latentdyn.models.training import build_trainer
 
     steps = int(cfg.max_steps)
-    return build_trainer(
-        cfg,
-        logger,
-        last_checkpoint=last,
-        max_steps=steps,
-        gradient_clip_val=float(settings.gradient_clip_val),
-        val_check_interval=min(int(settings.val_check_interval), steps),
-        limit_val_batches=settings.limit_val_batches,
-        **overrides,
-    )
+    kwargs: dict[str, Any] = {
+        "max_steps": steps,
+        "gradient_clip_val": float(settings.gradient_clip_val),
+        "val_check_interval": min(int(settings.val_check_interval), steps),
+        "limit_val_batches": settings.limit_val_batches,
+    }
+    return build_trainer(cfg, logger, last_checkpoint=last, **{**kwargs, **overrides})

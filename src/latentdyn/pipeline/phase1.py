@@ -71,3 +71,18 @@ def run_phase1(cfg: DictConfig, store: LatentStore, out_dir: Path, logger: Any, 
     write_json(out_dir / METRICS_NAME, {"key_metrics": metrics, **details, "battery": rows})
     log.info("Phase 1 of %s: %s", label, out_dir)
     return metrics
+
+
+def phase1_table_metrics(
+    metrics: dict[str, float], keep: set[str] | frozenset[str] = frozenset()
+) -> dict[str, float]:
+    """The results-table entries of a Phase 1 run (its ``metrics.json`` has every one): per horizon ``k{k}/dnll``
+    and ``cos``, per injection mode ``dnll``, ``cos`` and ``state_err_at_K``, and the keys in ``keep``."""
+    out = {}
+    for key, value in metrics.items():
+        head, _, tail = key.rpartition("/")
+        horizon = head.startswith("k") and head[1:].isdigit() and tail in ("dnll", "cos")
+        injection = "_" in head and "/" not in head and tail in ("dnll", "cos", "state_err_at_K")
+        if horizon or injection or key in keep:
+            out[key] = value
+    return out

@@ -219,6 +219,15 @@ def prepare_latent_store(cfg: DictConfig) -> LatentStore:
     return store
 
 
+def checkpoint_store(cfg: DictConfig, target: str, checkpoint: Path) -> LatentStore:
+    """The corpus encoded by a trained model's representation (``target``, e.g. the β-VAE's or the VAE-GAN's,
+    built from ``checkpoint``): a cached latent store keyed by the checkpoint file."""
+    store_cfg = cfg.copy()
+    with open_dict(store_cfg):
+        store_cfg.representation = {"_target_": target, "checkpoint": str(Path(checkpoint).resolve())}
+    return prepare_latent_store(store_cfg)
+
+
 def _count_files(n: int) -> str:
     return f"{n} bad audio file{'' if n == 1 else 's'}"
 

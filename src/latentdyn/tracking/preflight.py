@@ -181,6 +181,7 @@ RULES: Mapping[str, Callable[[str, Any], None]] = {
     "max_steps": _positive_int,
     "phase1_max_steps": _positive_int,
     "latent_dim": _positive_int,
+    "init": _one_of("pretrained", "scratch"),
 }
 
 
