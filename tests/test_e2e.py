@@ -112,6 +112,8 @@ FASTER = {
     # All four variants, each with one horizon and one scored utterance.
     "exp5_betavae": ["horizons=[1]", "recon_eval.n_utterances=1"],
     "exp7_perceptual_rollout": ["rollout_lengths=[1,2]"],
+    # Four VAE-GAN steps (every loss is on from step 2 under smoke), one horizon, one scored utterance.
+    "exp9_pocket_mimi_vae": ["max_steps=4", "horizons=[1]", "recon_eval.n_utterances=1"],
     "tier1": ["horizons=[1]", "representations=[mel]"],
 }
 

@@ -8,7 +8,7 @@ The student is a bias-free linear map of the latents to the teacher's width (:cl
 the loss is the mean over batch and frames of 1 - cos(student, target) (:func:`distillation_loss`).
 
 The teacher's weights come from a local directory (``checkpoint``: ``save_pretrained`` layout, or a weights
-file beside its ``config.json``) or the HF hub through its cache; when neither is available the run stops
+file with its ``config.json`` beside it) or the HF hub through its cache; when neither is available the run stops
 with how to provide them (:func:`load_wavlm_teacher`). ``pretrained=false`` builds a random teacher from
 ``config`` (a ``WavLMConfig``'s fields: tests use a tiny one), recorded as ``source: random``.
 """
@@ -26,10 +26,10 @@ from torch import nn
 
 from latentdyn.representations.weights import (
     WeightsUnavailableError,
+    file_provenance,
     hf_hub_cache_dir,
     hf_hub_offline,
     hub_resolves,
-    missing_weights_message,
     random_provenance,
     resolve_hf_file,
     seeded_init,
@@ -60,14 +60,15 @@ def load_wavlm_teacher(
 
     Args:
         name: HF hub repository of the pretrained teacher.
-        checkpoint: a local directory in ``save_pretrained`` layout, or a weights file beside its
-            ``config.json``; used instead of the hub when given.
-        pretrained: false builds a random teacher from ``config`` with ``seed``.
+        checkpoint: a local directory in ``save_pretrained`` layout (``config.json`` and the weights), or a
+            weights file (``.safetensors`` or ``.bin``) with a ``config.json`` beside it; used instead of the hub.
+        pretrained: false builds a random teacher from ``config`` with ``seed`` (``checkpoint`` must then be unset).
         config: ``WavLMConfig`` fields of the random teacher (default: WavLM base's).
         config_key: the config node named in error messages.
 
     Raises:
-        FileNotFoundError: ``checkpoint`` does not exist.
+        FileNotFoundError: ``checkpoint`` does not exist, or has no ``config.json``.
+        ValueError: a ``checkpoint`` with ``pretrained`` false.
         WeightsUnavailableError: pretrained weights asked for, no ``checkpoint``, and the hub cannot supply them.
     """
     from transformers import WavLMConfig, WavLMModel
@@ -75,36 +76,87 @@ def load_wavlm_teacher(
 
     hf_logging.set_verbosity_error()  # its "some weights were not used" notices concern heads we do not use
     if not pretrained:
+        if checkpoint:
+            raise ValueError(
+                f"{config_key}.checkpoint={checkpoint!r} with {config_key}.pretrained=false: a random teacher "
+                "loads no weights; unset one of them"
+            )
         with seeded_init(seed):
             model = WavLMModel(WavLMConfig(**dict(config or {})))
         provenance = random_provenance(seed, init="transformers WavLMConfig", config=dict(config or {}))
     elif checkpoint:
-        path = Path(os.path.expandvars(os.path.expanduser(str(checkpoint))))
-        if not path.exists():
-            raise FileNotFoundError(f"{config_key}.checkpoint={checkpoint!r}: no such file or directory")
-        directory = path if path.is_dir() else path.parent
-        model = WavLMModel.from_pretrained(directory)
-        provenance = {"source": str(directory.resolve()), "pretrained": True}
+        model, provenance = _from_local(
+            Path(os.path.expandvars(os.path.expanduser(str(checkpoint)))), config_key
+        )
     else:
         model, provenance = _from_hub(name, config_key)
     model.eval().requires_grad_(False)
     return model, provenance
 
 
+def _from_local(path: Path, config_key: str) -> tuple[nn.Module, dict[str, Any]]:
+    """A teacher from a ``save_pretrained`` directory, or from the named weights file and its directory's config."""
+    from transformers import WavLMConfig, WavLMModel
+
+    if not path.exists():
+        raise FileNotFoundError(f"{config_key}.checkpoint={str(path)!r}: no such file or directory")
+    directory = path if path.is_dir() else path.parent
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{config_key}.checkpoint={str(path)!r}: no config.json in {directory} (give a save_pretrained "
+            "directory, or a weights file with the model's config.json beside it)"
+        )
+    if path.is_dir():
+        return WavLMModel.from_pretrained(directory), {"source": str(directory.resolve()), "pretrained": True}
+    model = WavLMModel(WavLMConfig.from_pretrained(directory))
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    # Checkpoints of WavLM with a head prefix their encoder's tensors with "wavlm.".
+    state = {k.removeprefix("wavlm."): v for k, v in state.items()}
+    missing, _ = model.load_state_dict(state, strict=False)
+    if missing:
+        raise ValueError(
+            f"{path} is not a WavLM checkpoint: {len(missing)} weights missing, e.g. {missing[:3]}"
+        )
+    return model, file_provenance(path)
+
+
+def teacher_unavailable_message(name: str, cause: str, config_key: str) -> str:
+    """The error text when the pretrained teacher cannot be had: how to provide it, and the ways out."""
+    offline_advice = " and unset HF_HUB_OFFLINE (it is set now)" if hf_hub_offline() else ""
+    return (
+        f"pretrained WavLM teacher unavailable: could not get {name!r} from the Hugging Face hub ({cause}).\n"
+        "Provide it in one of two ways:\n"
+        f"  1. a local copy: {config_key}.checkpoint=/path/to/dir (config.json and the weights, e.g. from\n"
+        f"     `huggingface-cli download {name} --local-dir /path/to/dir`)\n"
+        f"  2. the HF hub: make huggingface.co reachable{offline_advice}, or pre-download it on a machine that\n"
+        f"     can reach it with `huggingface-cli download {name}` and set HF_HOME (or HF_HUB_CACHE) to that\n"
+        f"     cache (searched now: {hf_hub_cache_dir()}).\n"
+        f"Or train without distillation (vae_gan.loss.distill_weight=0), or with a random teacher\n"
+        f"({config_key}.pretrained=false)."
+    )
+
+
 def _from_hub(name: str, config_key: str) -> tuple[nn.Module, dict[str, Any]]:
     from transformers import WavLMModel
 
-    # The config file first: a clear error (how to provide the weights) before transformers tries the network.
-    config_path = resolve_hf_file(name, "config.json", config_key=config_key)
     local_only = hf_hub_offline() or not hub_resolves()
     try:
+        config_path = resolve_hf_file(name, "config.json", config_key=config_key)
         model = WavLMModel.from_pretrained(name, cache_dir=hf_hub_cache_dir(), local_files_only=local_only)
-    except OSError as err:
-        raise WeightsUnavailableError(
-            missing_weights_message(
-                name, "pytorch_model.bin", f"{type(err).__name__}: {err}", config_key=config_key
-            )
-        ) from err
+    # transformers reports a cached config without its weights as an AttributeError (4.57), network and cache
+    # misses as OSErrors.
+    except (WeightsUnavailableError, OSError, ValueError, AttributeError) as err:
+        cause = (
+            "not in the local cache and the hub is not reachable"
+            if local_only
+            else f"{type(err).__name__}: {err}"
+        )
+        raise WeightsUnavailableError(teacher_unavailable_message(name, cause, config_key)) from err
     provenance: dict[str, Any] = {"source": f"hf:{name}", "pretrained": True}
     if config_path.parent.parent.name == "snapshots":
         provenance["revision"] = config_path.parent.name
