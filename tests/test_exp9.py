@@ -36,7 +36,9 @@ def test_listening_samples_come_from_speakers_the_vae_gan_does_not_train_on(tmp_
     from latentdyn.pipeline.vae_gan import sample_writer
 
     cfg = compose_at(
-        tmp_path, ["experiment=exp9_pocket_mimi_vae", "debug=smoke", "samples.n_utterances=3"], tmp_path / "run"
+        tmp_path,
+        ["experiment=exp9_pocket_mimi_vae", "debug=smoke", "samples.n_utterances=3"],
+        tmp_path / "run",
     )
     writer = sample_writer(cfg)
     splits = prepare_splits(cfg)
@@ -44,7 +46,9 @@ def test_listening_samples_come_from_speakers_the_vae_gan_does_not_train_on(tmp_
     assert writer is not None and len(writer.utterances) == min(3, len(splits["val"]))
     assert all(u.speaker not in train_speakers for u in writer.utterances)
     none = compose_at(
-        tmp_path, ["experiment=exp9_pocket_mimi_vae", "debug=smoke", "samples.n_utterances=0"], tmp_path / "r2"
+        tmp_path,
+        ["experiment=exp9_pocket_mimi_vae", "debug=smoke", "samples.n_utterances=0"],
+        tmp_path / "r2",
     )
     assert sample_writer(none) is None
 
@@ -58,7 +62,10 @@ def test_init_must_be_pretrained_or_scratch(tmp_path: Path) -> None:
 def test_exp9_smoke_trains_extracts_and_scores(tmp_path: Path) -> None:
     run_cli(["experiment=exp9_pocket_mimi_vae", "debug=smoke", f"run_id={RUN_ID}"], tmp_path, timeout=900)
     run_dir = tmp_path / "outputs" / "tier2" / "exp9_pocket_mimi_vae" / RUN_ID
-    assert [r["status"] for r in manifest_lines(tmp_path) if r["run_id"] == RUN_ID] == ["started", "completed"]
+    assert [r["status"] for r in manifest_lines(tmp_path) if r["run_id"] == RUN_ID] == [
+        "started",
+        "completed",
+    ]
 
     assert (run_dir / "checkpoints" / "vae_gan_final.ckpt").is_file()
     assert not (run_dir / "checkpoints" / "vae_gan_last.ckpt").exists()
@@ -68,7 +75,14 @@ def test_exp9_smoke_trains_extracts_and_scores(tmp_path: Path) -> None:
 
     (row,) = list(csv.DictReader((run_dir / "summary.csv").open()))
     assert (row["init"], row["latent_dim"], row["max_steps"]) == ("pretrained", "32", "20")
-    for column in ("k1_dnll", "k8_dnll", "best_eval_dnll", "rollout_cos", "recon_mel_l1", "base_codec_mel_l1"):
+    for column in (
+        "k1_dnll",
+        "k8_dnll",
+        "best_eval_dnll",
+        "rollout_cos",
+        "recon_mel_l1",
+        "base_codec_mel_l1",
+    ):
         assert math.isfinite(float(row[column])), column
     assert float(row["best_eval_dnll"]) == min(float(row[f"k{k}_dnll"]) for k in (1, 2, 4, 8))
 
@@ -103,3 +117,42 @@ def test_exp9_smoke_trains_extracts_and_scores(tmp_path: Path) -> None:
     )
     log = (tmp_path / "outputs" / "phase0" / "phase0" / "p0" / "run.log").read_text()
     assert f"latents/{store.name} reused" in log
+
+
+@pytest.mark.slow
+def test_a_killed_vae_gan_fit_resumes_to_the_same_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed before step 4 of 5 (after the checkpoint at 2, with the discriminator and every loss on), then
+    resumed: the same generator, discriminator and optimiser states as an uninterrupted fit."""
+    import torch
+
+    from latentdyn.pipeline.vae_gan import train_vae_gan
+    from tests.test_resume import Killed, Probe, _assert_same
+
+    probe = Probe(monkeypatch)
+    overrides = [
+        "experiment=exp9_pocket_mimi_vae",
+        "debug=smoke",
+        "logger=none",
+        "max_steps=5",
+        "checkpointing.every_n_steps=2",
+        "samples.n_utterances=0",
+        "vae_gan_train.val_check_interval=100",
+    ]
+    ref_model, ref_final = train_vae_gan(compose_at(tmp_path, overrides, tmp_path / "ref"), None)
+    assert probe.fits[-1] == [1, 2, 3, 4, 5]
+
+    cfg = compose_at(tmp_path, overrides, tmp_path / "killed")
+    probe.kill_at = 3
+    with pytest.raises(Killed):
+        train_vae_gan(cfg, None)
+    probe.kill_at = None
+    model, final = train_vae_gan(compose_at(tmp_path, [*overrides, "resume=true"], tmp_path / "killed"), None)
+    assert probe.fits[-1] == [3, 4, 5]
+    _assert_same(dict(model.state_dict()), dict(ref_model.state_dict()), "weights")
+    ref_ckpt = torch.load(ref_final, map_location="cpu", weights_only=True)
+    ckpt = torch.load(final, map_location="cpu", weights_only=True)
+    assert len(ckpt["optimizer_states"]) == 2
+    _assert_same(ckpt["optimizer_states"], ref_ckpt["optimizer_states"], "optimizers")
+    assert ckpt["global_step"] == ref_ckpt["global_step"] == 5

@@ -299,3 +299,18 @@ def test_a_checkpoint_is_a_representation_without_downloads(tmp_path: Path) -> N
     assert rep.decode(latents).shape == (1, 1, 5 * 1920)
     with pytest.raises(ValueError, match="needs representation.checkpoint"):
         PocketVAERepresentation()
+
+
+def test_importing_pocket_tts_through_latentdyn_keeps_torchs_thread_count() -> None:
+    """pocket-tts sets torch's intra-op threads to 1 when imported; the representation module undoes it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; torch.set_num_threads(2)\n"
+        "import latentdyn.representations.pocket_mimi\n"
+        "import pocket_tts.models.mimi\n"
+        "print(torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "2"

@@ -170,7 +170,7 @@ def teacher_targets(
     """The teacher's layer-``layer`` hidden states of ``audio (B, 1, S)`` at ``sample_rate``, resampled to
     16 kHz first, interpolated linearly to ``frames`` steps: ``(B, frames, H)`` float32.
 
-    The teacher runs in its own dtype (half precision on a GPU when loaded so).
+    The teacher runs in its own dtype (half precision on a GPU when loaded so), with autocast off.
     """
     import torchaudio.functional as AF
 
@@ -183,7 +183,9 @@ def teacher_targets(
     if int(sample_rate) != TEACHER_SAMPLE_RATE:
         wave = AF.resample(wave, int(sample_rate), TEACHER_SAMPLE_RATE)
     dtype = next(teacher.parameters()).dtype
-    hidden = teacher(wave.to(dtype), output_hidden_states=True).hidden_states[layer]  # (B, T_w, H)
+    # In the teacher's own dtype, outside any autocast (which would mix its fp16 weights with bf16 activations).
+    with torch.autocast(device_type=wave.device.type, enabled=False):
+        hidden = teacher(wave.to(dtype), output_hidden_states=True).hidden_states[layer]  # (B, T_w, H)
     aligned = F.interpolate(
         hidden.float().transpose(1, 2), size=int(frames), mode="linear", align_corners=False
     )

@@ -48,6 +48,19 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG = "english_2026-04"
 
 
+def import_pocket_tts() -> None:
+    """Import pocket-tts, undoing the ``torch.set_num_threads(1)`` its package runs at import (it would make
+    every later CPU op of the process single-threaded). Run when this module is imported, before any other
+    ``pocket_tts`` import of ours."""
+    threads = torch.get_num_threads()
+    import pocket_tts  # noqa: F401
+
+    torch.set_num_threads(threads)
+
+
+import_pocket_tts()
+
+
 def pocket_config(name: str) -> Any:
     """The ``Config`` of a pocket-tts bundled config (``english_2026-04``) or a YAML file path.
 
