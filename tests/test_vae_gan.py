@@ -314,3 +314,18 @@ def test_importing_pocket_tts_through_latentdyn_keeps_torchs_thread_count() -> N
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "2"
+
+
+@pytest.mark.parametrize(
+    ("loss", "match"),
+    [
+        ({"kl_weight": -0.1}, "kl_weight"),
+        ({"gan_start": -1}, "gan_start"),
+        ({"pred_alpha": 1.5}, "pred_alpha"),
+        ({"fm_normalization": "l2"}, "fm_normalization"),
+        ({"kl_warmup": 5}, "unknown loss settings"),
+    ],
+)
+def test_bad_loss_settings_are_refused_by_name(loss: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        VAEGANModule(codec=CODEC, loss={**loss, "distill_weight": 0.0}, discriminator={"filters": 4})

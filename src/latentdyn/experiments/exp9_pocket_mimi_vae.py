@@ -93,6 +93,7 @@ def base_codec(cfg: DictConfig, model: Any) -> Any | None:
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train the VAE-GAN, encode the corpus with it, Phase 1 on its latents, score its reconstructions."""
     from latentdyn.models.training import job_logger
+    from latentdyn.representations.extract import resolve_device
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         store = vae_gan_store(cfg, checkpoint)
         metrics = run_phase1(cfg, store, run_dir / "phase1", logger, label=str(store.meta["representation"]))
     recon_cfg = cfg.recon_eval
-    reconstructor = vae_gan_reconstructor(model, base_codec(cfg, model))
+    device = resolve_device(cfg.extract.device)
+    codec = base_codec(cfg, model)
+    reconstructor = vae_gan_reconstructor(model.to(device), codec.to(device) if codec is not None else None)
     recon = reconstruction_metrics(
         cfg,
         reconstructor,

@@ -46,6 +46,7 @@ from torch import nn
 from latentdyn.models.betavae import STFT_SIZES, gaussian_kl, multi_resolution_stft_loss
 from latentdyn.models.checkpoints import EmbedsRunConfig, load_module_checkpoint
 from latentdyn.models.gan import (
+    FEATURE_MATCHING,
     build_msstft_discriminator,
     discriminator_hinge_loss,
     feature_matching_loss,
@@ -236,6 +237,12 @@ class VAEGANModule(EmbedsRunConfig, pl.LightningModule):
         for key, value in self.loss_cfg.items():
             if key.endswith(("_weight", "_start", "_steps", "_ramp")) and not value >= 0:
                 raise ValueError(f"loss.{key} must be >= 0, got {value}")
+        if not 0 <= float(self.loss_cfg["pred_alpha"]) <= 1:
+            raise ValueError(f"loss.pred_alpha must be in [0, 1], got {self.loss_cfg['pred_alpha']}")
+        if self.loss_cfg["fm_normalization"] not in FEATURE_MATCHING:
+            raise ValueError(
+                f"loss.fm_normalization must be one of {FEATURE_MATCHING}, got {self.loss_cfg['fm_normalization']!r}"
+            )
         codec_cfg = dict(codec)
         if build_only or init == "scratch":
             codec_cfg["pretrained"] = False
