@@ -32,15 +32,13 @@ from omegaconf import DictConfig
 from latentdyn.pipeline.betavae import COMPARISONS, betavae_reconstructor, betavae_store, train_betavae
 from latentdyn.pipeline.common import write_csv_rows
 from latentdyn.pipeline.composite import completed_runs, run_sub_experiment
-from latentdyn.pipeline.phase1 import phase1_table_metrics, run_phase1
-from latentdyn.pipeline.reconstruction import RECON_KEYS, recon_key_metrics, reconstruction_metrics
+from latentdyn.pipeline.phase1 import phase1_summary_columns, phase1_table_metrics, run_phase1
+from latentdyn.pipeline.reconstruction import recon_key_metrics, recon_summary_columns, reconstruction_metrics
 from latentdyn.tracking.run import METRICS_NAME, write_json
 
 log = logging.getLogger(__name__)
 
 RECON_NAME = "recon_metrics.json"
-#: Injection summaries per mode in summary.csv, as {mode}_{summary}.
-INJECTION_COLUMNS = ("dnll", "cos", "state_err")
 #: Per-variant entries that go to the results table of the parent run (the reference's two).
 KEY_COLUMNS = ("best_dnll", "recon_mel_l1")
 RECON_TABLE_KEYS = ("mel_l1", "mrstft", "si_sdr", "stoi", "pesq_wb")
@@ -112,24 +110,8 @@ def summary_row(cfg: DictConfig, name: str, metrics: dict[str, Any]) -> dict[str
         "lambda_pred": float(params.lambda_pred),
         "latent_dim": int(cfg.latent_dim),
     }
-    dnlls = []
-    for k in (int(h) for h in cfg.horizons):
-        for m in ("dnll", "cos"):
-            row[f"k{k}_{m}"] = metrics.get(f"k{k}/{m}", math.nan)
-        dnlls.append(row[f"k{k}_dnll"])
-    finite = [v for v in dnlls if math.isfinite(v)]
-    row["best_dnll"] = min(finite) if finite else math.nan
-    modes = sorted({key.split("/")[0] for key in metrics if key.endswith("/state_err_at_K")})
-    for mode in modes:
-        for m in INJECTION_COLUMNS:
-            row[f"{mode}_{m}"] = metrics.get(f"{mode}/{m}", math.nan)
-    for comparison, column in (
-        ("vs_original", "recon"),
-        ("vs_base_codec", "recon_vs_base"),
-        ("base_codec_vs_original", "base_codec"),
-    ):
-        for key in RECON_KEYS:
-            row[f"{column}_{key}"] = metrics.get(f"recon/{comparison}/{key}", math.nan)
+    row.update(phase1_summary_columns(metrics, cfg.horizons, "best_dnll"))
+    row.update(recon_summary_columns(metrics))
     return row
 
 

@@ -34,8 +34,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from latentdyn.pipeline.common import write_csv_rows
-from latentdyn.pipeline.phase1 import phase1_table_metrics, run_phase1
-from latentdyn.pipeline.reconstruction import recon_key_metrics, reconstruction_metrics
+from latentdyn.pipeline.phase1 import phase1_summary_columns, phase1_table_metrics, run_phase1
+from latentdyn.pipeline.reconstruction import recon_key_metrics, recon_summary_columns, reconstruction_metrics
 from latentdyn.pipeline.vae_gan import train_vae_gan, vae_gan_reconstructor, vae_gan_store
 from latentdyn.tracking.run import METRICS_NAME, write_json
 
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 RECON_NAME = "recon_metrics.json"
 #: Results-table entries besides the horizons' ``dnll`` / ``cos``: the reference's summary columns.
 SUMMARY_RECON = ("l1", "mel_l1", "mrstft", "si_sdr", "stoi", "pesq_wb")
-INJECTION_COLUMNS = ("dnll", "cos", "state_err")
 
 
 def summary_row(cfg: DictConfig, metrics: dict[str, float]) -> dict[str, Any]:
@@ -57,26 +56,10 @@ def summary_row(cfg: DictConfig, metrics: dict[str, float]) -> dict[str, Any]:
         "latent_dim": int(cfg.latent_dim),
         "max_steps": int(cfg.max_steps),
     }
-    dnlls = []
-    for k in (int(h) for h in cfg.horizons):
-        for m in ("dnll", "cos"):
-            row[f"k{k}_{m}"] = metrics.get(f"k{k}/{m}", math.nan)
-        dnlls.append(row[f"k{k}_dnll"])
-    finite = [v for v in dnlls if math.isfinite(v)]
-    row["best_eval_dnll"] = min(finite) if finite else math.nan
-    modes = sorted({key.split("/")[0] for key in metrics if key.endswith("/state_err_at_K")})
-    for mode in modes:
-        for m in INJECTION_COLUMNS:
-            row[f"{mode}_{m}"] = metrics.get(f"{mode}/{m}", math.nan)
+    row.update(phase1_summary_columns(metrics, cfg.horizons, "best_eval_dnll"))
     row["rollout_state_err"] = metrics.get("D_rollout/state_err", math.nan)
     row["rollout_cos"] = metrics.get("D_rollout/cos", math.nan)
-    for comparison, column in (
-        ("vs_original", "recon"),
-        ("vs_base_codec", "recon_vs_base"),
-        ("base_codec_vs_original", "base_codec"),
-    ):
-        for key in SUMMARY_RECON:
-            row[f"{column}_{key}"] = metrics.get(f"recon/{comparison}/{key}", math.nan)
+    row.update(recon_summary_columns(metrics, SUMMARY_RECON))
     return row
 
 

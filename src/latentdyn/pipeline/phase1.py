@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,24 @@ def phase1_table_metrics(
         if horizon or injection or key in keep:
             out[key] = value
     return out
+
+
+#: Injection summaries per mode in summary tables, as ``{mode}_{summary}``.
+INJECTION_COLUMNS = ("dnll", "cos", "state_err")
+
+
+def phase1_summary_columns(metrics: dict[str, float], horizons: Sequence[int], best: str) -> dict[str, float]:
+    """A summary-table row's Phase 1 columns from a run's key metrics: ``k{k}_dnll`` and ``k{k}_cos`` per horizon,
+    the lowest finite ``dnll`` as ``best`` (the reference's ``best_dnll`` / ``best_eval_dnll``), and the injection
+    modes' ``{mode}_{dnll,cos,state_err}``; NaN where a value is missing."""
+    row: dict[str, float] = {}
+    for k in (int(h) for h in horizons):
+        for m in ("dnll", "cos"):
+            row[f"k{k}_{m}"] = metrics.get(f"k{k}/{m}", math.nan)
+    finite = [row[f"k{int(k)}_dnll"] for k in horizons if math.isfinite(row[f"k{int(k)}_dnll"])]
+    row[best] = min(finite) if finite else math.nan
+    modes = sorted({key.split("/")[0] for key in metrics if key.endswith("/state_err_at_K")})
+    for mode in modes:
+        for m in INJECTION_COLUMNS:
+            row[f"{mode}_{m}"] = metrics.get(f"{mode}/{m}", math.nan)
+    return row

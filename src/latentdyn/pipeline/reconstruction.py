@@ -142,6 +142,25 @@ def recon_key_metrics(recon: dict[str, Any], comparisons: Sequence[tuple[str, st
     return out
 
 
+#: Summary-table column prefixes of the comparisons: the learned codec vs the original and vs the base codec,
+#: and the base codec vs the original (the ceiling).
+SUMMARY_PREFIXES = (
+    ("vs_original", "recon"),
+    ("vs_base_codec", "recon_vs_base"),
+    ("base_codec_vs_original", "base_codec"),
+)
+
+
+def recon_summary_columns(metrics: dict[str, float], keys: Sequence[str] = RECON_KEYS) -> dict[str, float]:
+    """A summary-table row's reconstruction columns from a run's key metrics (``recon/<comparison>/<key>``):
+    ``recon_*``, ``recon_vs_base_*``, ``base_codec_*``; NaN where a comparison was not scored."""
+    return {
+        f"{prefix}_{key}": metrics.get(f"recon/{comparison}/{key}", math.nan)
+        for comparison, prefix in SUMMARY_PREFIXES
+        for key in keys
+    }
+
+
 def _summarise(rows: list[dict[str, float | None]]) -> dict[str, dict[str, float | None]]:
     """Per distance: mean and std of the finite values and their count (None when none is finite)."""
     out: dict[str, dict[str, float | None]] = {}

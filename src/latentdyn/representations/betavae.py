@@ -14,13 +14,12 @@ the same latents.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from latentdyn.models.betavae import BetaVAEModule, load_betavae
-from latentdyn.representations.weights import cached_sha256
+from latentdyn.representations.weights import cached_sha256, trained_checkpoint
 
 __all__ = ["BetaVAERepresentation"]
 
@@ -40,19 +39,12 @@ class BetaVAERepresentation(torch.nn.Module):
 
     def __init__(self, checkpoint: str | None = None, device: str = "cpu") -> None:
         super().__init__()
-        if not checkpoint:
-            raise ValueError(
-                "representation=betavae needs representation.checkpoint=PATH (a betavae_final.ckpt or an Exp 5 "
-                "variant's run directory) or latest:exp5_betavae/<variant>"
-            )
-        if str(checkpoint).startswith("latest"):
-            raise ValueError(
-                f"representation.checkpoint={checkpoint} is a run reference; it is resolved through the run "
-                "manifest by the pipeline (latentdyn.pipeline.store), not here"
-            )
-        path = Path(checkpoint).expanduser()
-        if path.is_dir():
-            path = path / "checkpoints" / "betavae_final.ckpt"
+        path = trained_checkpoint(
+            checkpoint,
+            "betavae_final.ckpt",
+            "representation=betavae needs representation.checkpoint=PATH (a betavae_final.ckpt or an Exp 5 "
+            "variant's run directory) or latest:exp5_betavae/<variant>",
+        )
         self.model: BetaVAEModule = load_betavae(path)
         base = self.model.base
         hp = self.model.hparams

@@ -12,13 +12,12 @@ Every weight comes from the checkpoint: no pretrained download is needed to use 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from latentdyn.models.vae_gan import FINAL_NAME, VAEGANModule, load_vae_gan
-from latentdyn.representations.weights import cached_sha256
+from latentdyn.representations.weights import cached_sha256, trained_checkpoint
 
 __all__ = ["PocketVAERepresentation"]
 
@@ -38,19 +37,12 @@ class PocketVAERepresentation(torch.nn.Module):
 
     def __init__(self, checkpoint: str | None = None, device: str = "cpu") -> None:
         super().__init__()
-        if not checkpoint:
-            raise ValueError(
-                "representation=pocket_vae needs representation.checkpoint=PATH (a vae_gan_final.ckpt or an Exp 9 "
-                "run directory) or latest:exp9_pocket_mimi_vae"
-            )
-        if str(checkpoint).startswith("latest"):
-            raise ValueError(
-                f"representation.checkpoint={checkpoint} is a run reference; it is resolved through the run "
-                "manifest by the pipeline (latentdyn.pipeline.store), not here"
-            )
-        path = Path(checkpoint).expanduser()
-        if path.is_dir():
-            path = path / "checkpoints" / FINAL_NAME
+        path = trained_checkpoint(
+            checkpoint,
+            FINAL_NAME,
+            "representation=pocket_vae needs representation.checkpoint=PATH (a vae_gan_final.ckpt or an Exp 9 "
+            "run directory) or latest:exp9_pocket_mimi_vae",
+        )
         self.model: VAEGANModule = load_vae_gan(path)
         self.dim = self.model.latent_dim
         self.sample_rate = self.model.sample_rate

@@ -45,6 +45,7 @@ __all__ = [
     "resolve_checkpoint",
     "resolve_hf_file",
     "seeded_init",
+    "trained_checkpoint",
 ]
 
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
@@ -213,6 +214,24 @@ def hf_provenance(repo: str, filename: str, path: str | os.PathLike[str]) -> dic
     if len(parts) > n_name + 1 and parts[-n_name - 2] == "snapshots" and _COMMIT_RE.match(parts[-n_name - 1]):
         prov["revision"] = parts[-n_name - 1]
     return prov
+
+
+def trained_checkpoint(checkpoint: str | None, final_name: str, usage: str) -> Path:
+    """The checkpoint file a trained model's representation reads (``representation=betavae``, ``pocket_vae``):
+    ``checkpoint`` itself, or ``checkpoints/<final_name>`` in the run directory it names.
+
+    Raises:
+        ValueError: none given (``usage`` says what to give), or an unresolved ``latest`` run reference.
+    """
+    if not checkpoint:
+        raise ValueError(usage)
+    if str(checkpoint).startswith("latest"):
+        raise ValueError(
+            f"representation.checkpoint={checkpoint} is a run reference; it is resolved through the run "
+            "manifest by the pipeline (latentdyn.pipeline.store), not here"
+        )
+    path = Path(checkpoint).expanduser()
+    return path / "checkpoints" / final_name if path.is_dir() else path
 
 
 def random_provenance(seed: int, **extra: Any) -> dict[str, Any]:
