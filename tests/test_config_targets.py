@@ -62,7 +62,10 @@ RUNTIME_ARGS = {
     # The direction AR's codebook size (Exp 10 passes its Exp 8 codebook's K).
     "n_codes": 5,
     # The VAE-GAN's codec (Exp 9 passes the run's `representation` node, pocket_mimi).
-    "codec": {"_target_": "latentdyn.representations.pocket_mimi.PocketMimiRepresentation", "pretrained": False},
+    "codec": {
+        "_target_": "latentdyn.representations.pocket_mimi.PocketMimiRepresentation",
+        "pretrained": False,
+    },
 }
 # Groups chosen for the whole config (`# @package _global_`): their targets are checked through the groups.
 GLOBAL_GROUPS = ("experiment", "hydra", "debug", "setup")

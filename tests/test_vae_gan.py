@@ -167,7 +167,10 @@ def test_a_bundle_without_an_encoder_is_refused(mimi: torch.nn.Module, tmp_path:
 
 
 def test_random_codec_weights_are_seeded_and_recorded() -> None:
-    a, b = PocketMimiRepresentation(pretrained=False, seed=3), PocketMimiRepresentation(pretrained=False, seed=3)
+    a, b = (
+        PocketMimiRepresentation(pretrained=False, seed=3),
+        PocketMimiRepresentation(pretrained=False, seed=3),
+    )
     torch.testing.assert_close(next(a.model.parameters()), next(b.model.parameters()))
     assert a.weights["source"] == "random" and a.weights["pretrained"] is False
     with pytest.raises(ValueError, match="no pocket-tts config"):
@@ -178,7 +181,9 @@ def test_random_codec_weights_are_seeded_and_recorded() -> None:
 
 
 def test_losses_switch_on_at_their_configured_steps() -> None:
-    model = VAEGANModule(codec=CODEC, teacher=TINY_TEACHER, loss={"distill_layer": 2}, discriminator={"filters": 4})
+    model = VAEGANModule(
+        codec=CODEC, teacher=TINY_TEACHER, loss={"distill_layer": 2}, discriminator={"filters": 4}
+    )
     w = model.loss_weights
     assert w(0)["kl"] == 0 and w(1999)["kl"] == 0
     assert w(2000)["kl"] == pytest.approx(0.1 / 4000) and w(3999)["kl"] == pytest.approx(0.05)
@@ -200,7 +205,9 @@ def test_generator_terms_follow_the_schedule() -> None:
     assert {"recon", "kl", "align"} <= set(off) and not {"adv", "fm", "pred", "distill"} & set(off)
     assert off["audio"].shape == wave.shape
     # Before deterministic_steps the decoder gets mu: two passes decode the same audio.
-    torch.testing.assert_close(model.generator_terms(wave, 1)["audio"], model.generator_terms(wave, 1)["audio"])
+    torch.testing.assert_close(
+        model.generator_terms(wave, 1)["audio"], model.generator_terms(wave, 1)["audio"]
+    )
     on = model.generator_terms(wave, 3)
     assert {"adv", "fm", "pred", "distill"} <= set(on)
     weights = model.loss_weights(3)
