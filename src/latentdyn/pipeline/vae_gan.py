@@ -103,9 +103,10 @@ class SampleWriter(Callback):
         was_training = model.training
         model.eval()
         rate = int(model.sample_rate)
+        reconstruct = vae_gan_reconstructor(model, None).signals
         for utt in self.utterances:
             wave = load_audio(utt.path, rate)[: int(self.max_seconds * rate)]
-            decoded = model.decode_latents(model.encode_mean(wave[None, None]))[0, 0, : wave.shape[-1]].cpu()
+            decoded = reconstruct(wave)["vae_gan"][: wave.shape[-1]]
             for stem, signal in (("original", wave), ("vae_gan", decoded)):
                 write_listening_wav(
                     folder / utt.utt_id, stem, signal, rate, self.output_sample_rate, self.run_dir
