@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from typing import Any
 
 import hydra
@@ -16,10 +17,15 @@ from omegaconf import DictConfig
 
 from latentdyn.config import conf_dir, register_resolvers
 from latentdyn.errors import user_facing
+from latentdyn.tracking.ranks import is_rank_zero
 
 log = logging.getLogger("latentdyn")
 
 register_resolvers()
+
+# conf/hydra/launcher/ holds complete copies of the launcher plugins' options under the plugins' own names
+# (`hydra/launcher=submitit_slurm`), which Hydra 1.3 checks against the plugin's schema and warns about.
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 
 
 def available_experiments() -> list[str]:
@@ -57,6 +63,31 @@ def _raise_if_invalid(cfg: DictConfig) -> None:
         raise ValueError(str(exc)) from None
 
 
+def run_other_rank(cfg: DictConfig) -> dict[str, Any]:
+    """Rank > 0 of a data-parallel job: the same job, writing into a private directory.
+
+    Lightning's DDP launcher (or SLURM's tasks) runs this command once per rank; each rank takes part in
+    every fit and runs the rest of the job on the same weights. Rank 0 keeps the run's records and files;
+    this rank writes its own into ``<run_dir>/.rank<N>/`` (removed when the job ends well), logs warnings
+    only, and reads the checkpoints rank 0 writes.
+    """
+    import shutil
+    from pathlib import Path
+
+    from omegaconf import open_dict
+
+    from latentdyn.tracking.ranks import global_rank, rank_scratch_dir
+
+    rank = global_rank()
+    scratch = rank_scratch_dir(Path(cfg.run_dir), rank)
+    with open_dict(cfg):
+        cfg.run_dir = str(scratch)
+    logging.getLogger().setLevel(logging.WARNING)
+    metrics = run_pipeline(cfg)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return metrics
+
+
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured experiment as one tracked job."""
@@ -69,6 +100,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
             + ", ".join(available_experiments())
             + "\nStart with `latentdyn experiment=quickstart`; `latentdyn --help` lists every option."
         )
+    if not is_rank_zero():
+        return run_other_rank(cfg)
     if current_run() is None:
         _raise_if_invalid(cfg)
         raise RuntimeError(

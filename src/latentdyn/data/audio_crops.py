@@ -250,14 +250,26 @@ def _build_datamodule_class() -> type:
             val = usable("val")[: max_val_crops if max_val_crops is not None else None]
             self.val = AudioCrops(val, sample_rate, self.crop_samples, cache) if val else None
             self.batch_size, self.num_workers, self.seed = int(batch_size), int(num_workers), int(seed)
+            self._rank, self._world_size = 0, 1
+
+        def shard(self, rank: int, world_size: int) -> None:
+            """Make the loaders built from now on hand rank ``rank`` of ``world_size`` its share of every
+            batch (``batch_size`` stays the global batch)."""
+            self._rank, self._world_size = int(rank), int(world_size)
 
         def train_dataloader(self) -> ResumableBatchLoader:
-            return crop_loader(self.train, self.batch_size, True, self.seed, self.num_workers)
+            loader = crop_loader(self.train, self.batch_size, True, self.seed, self.num_workers)
+            loader.shard(self._rank, self._world_size)
+            return loader
 
         def val_dataloader(self) -> Any:
             if self.val is None:
                 return []
-            return crop_loader(self.val, self.batch_size, False, self.seed, self.num_workers, drop_last=False)
+            loader = crop_loader(
+                self.val, self.batch_size, False, self.seed, self.num_workers, drop_last=False
+            )
+            loader.shard(self._rank, self._world_size)
+            return loader
 
     AudioCropDataModule.__module__ = __name__
     AudioCropDataModule.__qualname__ = "AudioCropDataModule"

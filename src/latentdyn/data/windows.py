@@ -362,9 +362,31 @@ class IndexBatchSampler(Sampler[np.ndarray]):
         #: Generator state the latest permutation was drawn from (None: none drawn yet, or no generator).
         self.epoch_state: torch.Tensor | None = None
         self._resume: tuple[torch.Tensor | None, int] | None = None
+        self.rank, self.world_size = 0, 1
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Hand this process (data-parallel rank ``rank`` of ``world_size``) its share of every batch.
+
+        Every rank draws the same permutation (the same seeded generator), so step ``b``'s global batch is
+        the single-process batch ``b``; rank ``r`` takes its positions ``r, r + world_size, ...``. With
+        gradients averaged across ranks a step then trains on the same ``batch_size`` windows as one
+        process would. With several ranks an epoch's last batch is left out when it holds fewer than
+        ``world_size`` positions (a rank would get none).
+        """
+        if not 0 <= int(rank) < int(world_size):
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if self.batch_size < int(world_size):
+            raise ValueError(
+                f"the batch size {self.batch_size} is the global batch, split across {world_size} ranks: "
+                f"it must be at least {world_size}"
+            )
+        self.rank, self.world_size = int(rank), int(world_size)
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        if self.drop_last:
+            return self.n // self.batch_size
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (0 < rest and rest >= self.world_size)
 
     def resume(self, epoch_state: torch.Tensor | None, start: int) -> None:
         """Make the next epoch replay an interrupted one: its permutation drawn from generator state
@@ -390,7 +412,7 @@ class IndexBatchSampler(Sampler[np.ndarray]):
             self.epoch_state = self.generator.get_state()
         order = self._epoch_order()
         for batch in range(start, len(self)):
-            yield order[batch * self.batch_size : (batch + 1) * self.batch_size]
+            yield order[batch * self.batch_size : (batch + 1) * self.batch_size][self.rank :: self.world_size]
 
     def _epoch_order(self) -> np.ndarray:
         """The epoch's positions in visiting order (drawn from the generator when shuffled); a subclass may
@@ -443,6 +465,12 @@ class ResumableBatchLoader(DataLoader):
             return {"epoch_state": current, "batch": 0}
         return {"epoch_state": sampler.epoch_state if sampler.shuffle else None, "batch": self._position}
 
+    def shard(self, rank: int, world_size: int) -> None:
+        """Take data-parallel rank ``rank``'s share of every batch (:meth:`IndexBatchSampler.shard`)."""
+        sampler = self.sampler
+        assert isinstance(sampler, IndexBatchSampler)
+        sampler.shard(rank, world_size)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at ``state`` (a :meth:`state_dict`) when the loader is next iterated."""
         if set(state) != {"epoch_state", "batch"}:
@@ -483,7 +511,9 @@ def _build_datamodule_class() -> type:
         :class:`ResumableBatchLoader` objects: a checkpoint records the train loader's place in its
         epoch, and a resumed fit continues that epoch with the batches it had not yet trained on.
 
-        Single-process training only: a distributed sampler would replace the batch sampler.
+        Under data-parallel training (``trainer.strategy=ddp``) every rank builds the same loaders and
+        takes its share of each batch (:meth:`IndexBatchSampler.shard`, set by the trainer's
+        :class:`~latentdyn.models.training.ShardLoadersAcrossRanks`): ``batch_size`` is the global batch.
         """
 
         def __init__(
@@ -524,6 +554,12 @@ def _build_datamodule_class() -> type:
             self.store: LatentStore | None = None
             self.datasets: dict[str, WindowDataset] = {}
             self._generator = torch.Generator().manual_seed(self.seed)
+            self._rank, self._world_size = 0, 1
+
+        def shard(self, rank: int, world_size: int) -> None:
+            """Make the loaders built from now on hand rank ``rank`` of ``world_size`` its share of every
+            batch (:meth:`IndexBatchSampler.shard`; ``batch_size`` stays the global batch)."""
+            self._rank, self._world_size = int(rank), int(world_size)
 
         @property
         def dim(self) -> int:
@@ -560,7 +596,7 @@ def _build_datamodule_class() -> type:
         def _loader(self, windows: WindowDataset, shuffle: bool) -> ResumableBatchLoader:
             # The loader's own generator seeds its workers: iterating never draws from the global RNG, so
             # a resumed fit's extra iterations (sanity check) leave the training's random stream as it was.
-            return ResumableBatchLoader(
+            loader = ResumableBatchLoader(
                 WindowBatches(windows),
                 IndexBatchSampler(
                     len(windows), self.batch_size, shuffle, self._generator if shuffle else None
@@ -570,6 +606,8 @@ def _build_datamodule_class() -> type:
                 pin_memory=self.pin_memory,
                 generator=torch.Generator().manual_seed(self.seed),
             )
+            loader.shard(self._rank, self._world_size)
+            return loader
 
         def train_dataloader(self) -> ResumableBatchLoader:
             return self._loader(self.dataset("train"), shuffle=True)

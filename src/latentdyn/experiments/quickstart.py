@@ -10,6 +10,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig
 
 from latentdyn.jsonio import write_text_atomic
+from latentdyn.pipeline.common import checkpoint_dir
 from latentdyn.pipeline.composite import run_sub_experiment
 from latentdyn.tracking.manifest import iter_records
 from latentdyn.tracking.report import compact_runs
@@ -23,7 +24,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     exp1_cfg, e1 = run_sub_experiment(
         cfg, "exp1_vmf", get_method(cfg.steps.exp1_vmf), horizons=[int(cfg.horizon_k)]
     )
-    checkpoint = Path(exp1_cfg.run_dir) / "checkpoints" / f"{cfg.model.name}_k{cfg.horizon_k}_final.ckpt"
+    checkpoint = checkpoint_dir(exp1_cfg) / f"{cfg.model.name}_k{cfg.horizon_k}_final.ckpt"
     exp2_cfg, e2 = run_sub_experiment(
         cfg, "exp2_injection", get_method(cfg.steps.exp2_injection), checkpoint=str(checkpoint)
     )

@@ -21,6 +21,7 @@ from latentdyn.pipeline.composite import (
     inherited_overrides,
     run_sub_experiment,
 )
+from latentdyn.tracking.ranks import shared_path
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     exp1_dir, m1 = step(str(cfg.exp1_config))
     pattern = f"*_k{cfg.exp2_horizon_k}_final.ckpt"
+    # In a data-parallel job every rank reads the checkpoints rank 0 wrote.
+    exp1_dir = shared_path(exp1_dir)
     checkpoints = sorted((exp1_dir / "checkpoints").glob(pattern))
     if len(checkpoints) != 1:
         raise FileNotFoundError(

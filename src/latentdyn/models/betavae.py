@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentdyn.models.checkpoints import EmbedsRunConfig, refusing_to_load
+from latentdyn.models.data_parallel import global_batch_randn
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,8 @@ class BetaVAEModule(EmbedsRunConfig, pl.LightningModule):
         hp = self.hparams
         h = self.encode_base(wave)
         mu, logvar = self.vae.posterior(h)
-        z = self.vae.sample(mu, logvar) if sample else mu
+        # Under DDP each rank takes its rows of the global batch's noise (one process's noise per crop).
+        z = mu + (0.5 * logvar).exp() * global_batch_randn(self, mu) if sample else mu
         h_hat = self.vae.to_base(z)
         if self.reconstruction == "audio":
             estimate = self.vae.synthesise(h_hat)
@@ -328,8 +330,10 @@ class BetaVAEModule(EmbedsRunConfig, pl.LightningModule):
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         terms = self.losses(batch, sample=False)
-        self.log("val/recon", terms["recon"], prog_bar=True, batch_size=len(batch))
-        self.log_dict({f"val/{k}": v for k, v in terms.items() if k != "recon"}, batch_size=len(batch))
+        self.log("val/recon", terms["recon"], prog_bar=True, batch_size=len(batch), sync_dist=True)
+        self.log_dict(
+            {f"val/{k}": v for k, v in terms.items() if k != "recon"}, batch_size=len(batch), sync_dist=True
+        )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         opt = {"lr": 1e-4, "weight_decay": 1e-4, **dict(self.hparams.optimizer or {})}

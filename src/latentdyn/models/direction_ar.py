@@ -242,7 +242,7 @@ class DirectionARModule(EmbedsRunConfig, pl.LightningModule):
         parts = self.losses(batch)
         n = batch["context"].shape[0]
         for key, value in parts.items():
-            self.log(f"dir_ar/val/{key}", value, prog_bar=key == "loss", batch_size=n)
+            self.log(f"dir_ar/val/{key}", value, prog_bar=key == "loss", batch_size=n, sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         opt = dict(self.hparams.optimizer or {})

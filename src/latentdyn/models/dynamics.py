@@ -100,7 +100,13 @@ class DynamicsModel(EmbedsRunConfig, pl.LightningModule):
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         loss = self.nll(batch)
-        self.log(f"{self.metric_prefix}val/nll", loss, prog_bar=True, batch_size=batch["context"].shape[0])
+        self.log(
+            f"{self.metric_prefix}val/nll",
+            loss,
+            prog_bar=True,
+            batch_size=batch["context"].shape[0],
+            sync_dist=True,
+        )
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt_cfg = self.hparams.optimizer

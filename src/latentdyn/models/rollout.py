@@ -271,5 +271,7 @@ class RolloutFinetuneModule(DynamicsModel):
         out = self.unroll(batch, 0.0, None)
         size = batch["context"].shape[0]
         prefix = self.metric_prefix
-        self.log(f"{prefix}val/rollout_nll", out.rollout.mean(), prog_bar=True, batch_size=size)
-        self.log(f"{prefix}val/nll", out.teacher.mean(), batch_size=size)
+        self.log(
+            f"{prefix}val/rollout_nll", out.rollout.mean(), prog_bar=True, batch_size=size, sync_dist=True
+        )
+        self.log(f"{prefix}val/nll", out.teacher.mean(), batch_size=size, sync_dist=True)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from latentdyn.models.checkpoints import EmbedsRunConfig, load_module_checkpoint
+from latentdyn.models.data_parallel import global_batch_draw
 
 #: Hidden width by latent dimension when ``hidden_dim`` is not set: the reference's 1024 for Mimi's 512-d
 #: latents and 512 for the 32-d β-VAE's; the switch is at this dimension.
@@ -214,8 +215,13 @@ class ScoreModule(EmbedsRunConfig, pl.LightningModule):
     def _loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
         z = batch["target"]
         hp = self.hparams
-        sigma = sample_sigma(z.shape[0], hp.sigma_min, hp.sigma_max, generator, z.device).to(z.dtype)
-        eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+
+        def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            sigma = sample_sigma(n, hp.sigma_min, hp.sigma_max, generator, z.device).to(z.dtype)
+            return sigma, torch.randn((n, *z.shape[1:]), generator=generator, device=z.device, dtype=z.dtype)
+
+        # Under DDP each rank takes its rows of the global batch's draws (one process's noise per window).
+        sigma, eps = global_batch_draw(self, z.shape[0], draw)
         return dsm_loss(self.net, z, sigma, eps, batch["context"] if self.conditional else None)
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -227,7 +233,7 @@ class ScoreModule(EmbedsRunConfig, pl.LightningModule):
         # The same noise draws at every validation, so the curve measures the model, not the draws.
         generator = torch.Generator(device=batch["target"].device).manual_seed(batch_idx)
         loss = self._loss(batch, generator)
-        self.log("score/val/dsm", loss, prog_bar=True, batch_size=batch["target"].shape[0])
+        self.log("score/val/dsm", loss, prog_bar=True, batch_size=batch["target"].shape[0], sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         opt = dict(self.hparams.optimizer or {})

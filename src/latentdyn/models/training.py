@@ -65,11 +65,31 @@ _route_lightning_logs_through_root()
 
 @contextmanager
 def job_logger(cfg: DictConfig) -> Iterator[Logger | None]:
-    """The job's training logger (``cfg.logger``), one per job, always finished (wandb) when the job ends."""
+    """The job's training logger (``cfg.logger``), one per job.
+
+    wandb: the logger writes into the tracked run's wandb run (:mod:`latentdyn.tracking.dashboard`), which the
+    tracking layer finishes with the run; outside a tracked run (or on ranks > 0) the logger starts its own,
+    finished here when the block ends.
+    """
     if cfg.logger is None or cfg.logger.get("_target_") is None:
         yield None
         return
-    logger = instantiate(cfg.logger)
+    from latentdyn.tracking.dashboard import active_wandb_run, is_wandb_logger
+
+    attached = active_wandb_run() if is_wandb_logger(cfg.logger) else None
+    logger = instantiate(cfg.logger) if attached is None else instantiate(cfg.logger, experiment=attached)
+    if attached is not None:
+        from argparse import Namespace
+
+        # The wandb run's config is the job's resolved config: the fits' module and data hyperparameters go
+        # under `hparams/` (the latest fit's), not over the job's own keys (`name`, ...).
+        log_hparams = logger.log_hyperparams
+
+        def prefixed(params: Any, *args: Any, **kwargs: Any) -> None:
+            items = vars(params) if isinstance(params, Namespace) else dict(params)
+            log_hparams({f"hparams/{key}": value for key, value in items.items()}, *args, **kwargs)
+
+        logger.log_hyperparams = prefixed
     if cfg.get("resume"):
         keep_earlier_csv_log(logger)
     try:
@@ -78,7 +98,7 @@ def job_logger(cfg: DictConfig) -> Iterator[Logger | None]:
         finish = getattr(logger, "finalize", None)
         if finish is not None:
             finish("success")
-        if type(logger).__name__ == "WandbLogger":
+        if attached is None and type(logger).__name__ == "WandbLogger":
             import wandb
 
             wandb.finish()
@@ -227,6 +247,23 @@ class GlobalRngState(Callback):
         random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
 
 
+class SeedLikeDataParallel(Callback):
+    """Start a one-process fit from the seed, as Lightning's DDP strategy starts each rank's.
+
+    ``trainer.strategy=ddp`` re-seeds the global random state (the last :func:`seed_everything`'s seed) on
+    every rank when a fit starts; without the same here, a one-process fit would draw its training noise and
+    dropout from wherever the model's construction left the state, and a data-parallel run of the same config
+    could not match it. A resumed fit then sets the checkpoint's random states over this
+    (:class:`GlobalRngState`).
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning.fabric.utilities.seed import reset_seed
+
+        if trainer.world_size == 1:
+            reset_seed()
+
+
 class PeriodicCheckpoint(Callback):
     """Write the whole training state to ``path`` every ``every_n_steps`` optimiser steps, atomically
     (:func:`save_checkpoint_atomically`), for ``trainer.fit(ckpt_path=path)`` to resume from.
@@ -275,13 +312,18 @@ def save_checkpoint_atomically(trainer: pl.Trainer, path: str | Path) -> None:
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    # Every rank calls save_checkpoint (it synchronises them); rank 0 alone writes the file.
     try:
         trainer.save_checkpoint(tmp, weights_only=False)
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if trainer.is_global_zero:
+            with tmp.open("rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if trainer.is_global_zero:
+            tmp.unlink(missing_ok=True)
+    # No rank reads the checkpoint before it is in place.
+    trainer.strategy.barrier("save_checkpoint_atomically")
 
 
 def build_trainer(
@@ -301,7 +343,11 @@ def build_trainer(
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(kwargs, dict)
     kwargs.update(overrides)
-    callbacks = [*callbacks, LastLoggedMetrics()]
+    check_data_parallel_strategy(kwargs.get("strategy", "auto"))
+    # Our loaders split each global batch across ranks themselves (fit -> shard_training_data); Lightning's
+    # DistributedSampler would instead give every rank whole batches of its own.
+    kwargs["use_distributed_sampler"] = False
+    callbacks = [SeedLikeDataParallel(), *callbacks, LastLoggedMetrics()]
     if last_checkpoint is not None:
         callbacks += [GlobalRngState(), PeriodicCheckpoint(last_checkpoint, cfg.checkpointing.every_n_steps)]
     if kwargs.get("enable_progress_bar", True):
@@ -322,6 +368,7 @@ def fit(
     ``data`` is ``datamodule=`` or ``train_dataloaders=``/``val_dataloaders=``, the same as the interrupted
     fit's. Without the file (the fit was killed before its first checkpoint) the fit starts over.
     """
+    shard_training_data(trainer, data)
     last = Path(last_checkpoint)
     ckpt_path = None
     if resume and last.is_file():
@@ -332,11 +379,67 @@ def fit(
     trainer.fit(model, **data, ckpt_path=ckpt_path, weights_only=True)
 
 
+#: Strategies that start their processes before the job runs (Lightning's script launcher, torchrun,
+#: SLURM), so that every rank runs the whole job. Spawn/fork strategies run only the fit in the processes
+#: they start and would leave the rest of the job (evaluation, files) without the fit's weights.
+_SPAWNING_STRATEGIES = ("spawn", "fork", "notebook")
+
+
+def check_data_parallel_strategy(strategy: Any) -> None:
+    """Refuse a multi-process strategy our jobs cannot run under (see :data:`_SPAWNING_STRATEGIES`)."""
+    name = strategy if isinstance(strategy, str) else type(strategy).__name__.lower()
+    if any(word in name for word in _SPAWNING_STRATEGIES):
+        raise ValueError(
+            f"trainer.strategy={name} is not supported: use trainer.strategy=ddp (every rank runs the whole "
+            "job; rank 0 writes its files)"
+        )
+
+
+def data_parallel_rank(trainer: pl.Trainer) -> tuple[int, int]:
+    """``(rank, world_size)`` of this process in ``trainer``'s data-parallel fit; ``(0, 1)`` for one process.
+
+    Known before the fit starts its processes: the world from the trainer's devices and nodes, the rank
+    from the environment the launcher gives each process (:func:`latentdyn.tracking.ranks.global_rank`).
+    """
+    from lightning.pytorch.strategies import ParallelStrategy
+
+    from latentdyn.tracking.ranks import global_rank
+
+    if not isinstance(trainer.strategy, ParallelStrategy):
+        return 0, 1
+    world = int(trainer.num_devices) * int(trainer.num_nodes)
+    if world <= 1:
+        return 0, 1
+    rank = global_rank()
+    if not 0 <= rank < world:
+        raise RuntimeError(f"this process's rank {rank} is outside the fit's {world} processes")
+    return rank, world
+
+
+def shard_training_data(trainer: pl.Trainer, data: dict[str, Any]) -> None:
+    """Give this rank its share of every batch of the fit's ``data`` (``datamodule=`` or the loaders); a
+    no-op for a one-process fit. Every rank draws the same batches, so the global batch is the config's."""
+    rank, world = data_parallel_rank(trainer)
+    if world == 1:
+        return
+    for name, source in data.items():
+        for item in source if isinstance(source, list | tuple) else [source]:
+            shard = getattr(item, "shard", None)
+            if shard is None:
+                raise TypeError(
+                    f"{name}: {type(item).__name__} cannot split its batches across {world} ranks "
+                    "(a latentdyn datamodule or ResumableBatchLoader can)"
+                )
+            shard(rank, world)
+    log.info("data-parallel fit: rank %d of %d takes 1/%d of every batch", rank, world, world)
+
+
 def save_final_checkpoint(trainer: pl.Trainer, final: str | Path, last_checkpoint: str | Path) -> None:
     """Write a finished fit's checkpoint ``final`` atomically, then delete the periodic one it supersedes
     (with ``resume``, an existing ``final`` means the fit is done)."""
     save_checkpoint_atomically(trainer, final)
-    Path(last_checkpoint).unlink(missing_ok=True)
+    if trainer.is_global_zero:
+        Path(last_checkpoint).unlink(missing_ok=True)
 
 
 def last_logged_metrics(trainer: pl.Trainer) -> dict[str, float]:

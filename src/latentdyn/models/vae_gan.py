@@ -45,6 +45,7 @@ from torch import nn
 
 from latentdyn.models.betavae import STFT_SIZES, gaussian_kl, multi_resolution_stft_loss
 from latentdyn.models.checkpoints import EmbedsRunConfig, load_module_checkpoint
+from latentdyn.models.data_parallel import global_batch_randn
 from latentdyn.models.gan import (
     FEATURE_MATCHING,
     build_msstft_discriminator,
@@ -327,7 +328,8 @@ class VAEGANModule(EmbedsRunConfig, pl.LightningModule):
         h = self.vae.encode_codec(wave)
         mu, logvar = self.vae.posterior(h)
         use_sample = self.samples_latents(step) if sample is None else sample
-        z = mu + (0.5 * logvar).exp() * torch.randn_like(mu) if use_sample else mu
+        # Under DDP each rank takes its rows of the global batch's noise (one process's noise per crop).
+        z = mu + (0.5 * logvar).exp() * global_batch_randn(self, mu) if use_sample else mu
         audio = self.vae.decode(z)
         if audio.shape[-1] < wave.shape[-1]:
             raise ValueError(f"the decoder returned {audio.shape[-1]} samples for {wave.shape[-1]}")
@@ -428,7 +430,7 @@ class VAEGANModule(EmbedsRunConfig, pl.LightningModule):
         mu, _ = self.vae.posterior(h)
         audio = self.vae.decode(mu)[..., : batch.shape[-1]]
         recon = multi_resolution_stft_loss(batch[:, 0], audio[:, 0], self.stft_sizes)
-        self.log("val/recon", recon, prog_bar=True, batch_size=len(batch))
+        self.log("val/recon", recon, prog_bar=True, batch_size=len(batch), sync_dist=True)
 
     def generator_parameters(self) -> list[nn.Parameter]:
         """What the generator's optimiser trains: the VAE (codec parts not frozen), predictor, distillation head."""

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from latentdyn.data.latent_store import LatentStore
 from latentdyn.jsonio import write_csv_atomic
+from latentdyn.tracking.ranks import shared_path
 
 
 def bank_from_store(
@@ -91,7 +92,8 @@ def build_datamodule(cfg: DictConfig, store: LatentStore, model: Any) -> Any:
 
 
 def checkpoint_dir(cfg: DictConfig) -> Path:
-    path = Path(cfg.run_dir) / "checkpoints"
+    """``<run_dir>/checkpoints``; in a data-parallel job the one rank 0 writes, which every rank reads."""
+    path = shared_path(Path(cfg.run_dir)) / "checkpoints"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -136,6 +136,15 @@ def sample_writer(cfg: DictConfig) -> SampleWriter | None:
     )
 
 
+def unused_parameters_strategy(cfg: DictConfig) -> dict[str, Any]:
+    """``trainer.strategy=ddp`` as ``ddp_find_unused_parameters_true`` (a Trainer override; none otherwise).
+
+    The module's training step runs two backward passes, the generator's then the discriminator's, each
+    leaving the other network's parameters (and, before ``gan_start``, the discriminator's altogether)
+    without a gradient, which plain DDP refuses."""
+    return {"strategy": "ddp_find_unused_parameters_true"} if cfg.trainer.get("strategy") == "ddp" else {}
+
+
 def train_vae_gan(cfg: DictConfig, logger: Any) -> tuple[Any, Path]:
     """Train the VAE-GAN for ``cfg.max_steps`` generator steps; returns the model (eval mode, on CPU) and its
     final checkpoint (``checkpoints/vae_gan_final.ckpt``).
@@ -168,6 +177,7 @@ def train_vae_gan(cfg: DictConfig, logger: Any) -> tuple[Any, Path]:
         precision=precision,
         # Clipped per optimiser by the module (manual optimisation).
         gradient_clip_val=None,
+        **unused_parameters_strategy(cfg),
         callbacks=[writer] if writer is not None else [],
     )
     weights = model.loss_weights(int(cfg.max_steps))

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from latentdyn.config import STAMP_ENV, utc_stamp
 from latentdyn.tracking.preflight import ConfigError, check_run_id, claim_run_dir, overridden_keys, validate
+from latentdyn.tracking.ranks import is_rank_zero
 from latentdyn.tracking.report import end_of_run
 from latentdyn.tracking.run import TrackedRun
 
@@ -63,10 +64,13 @@ class RunTrackingCallback(Callback):
     def __init__(self) -> None:
         self._run: TrackedRun | None = None
         self._sweep_dir: Path | None = None
+        self._set_stamp = False
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.get("pipeline") is None:
             return
+        if not is_rank_zero():
+            return  # another process of a data-parallel job: rank 0 checked the config and claimed the dir
         try:
             validate_job(config, config.hydra)
             claimed = claim_run_dir(
@@ -80,6 +84,16 @@ class RunTrackingCallback(Callback):
             ) from exc
         if claimed != "new":
             log.info("run_id=%s exists: %s", config.run_id, claimed)
+        # The processes a data-parallel fit starts (Lightning's launcher re-runs this command) resolve the
+        # default run id there: give them ours.
+        if STAMP_ENV not in os.environ:
+            os.environ[STAMP_ENV] = utc_stamp()
+            self._set_stamp = True
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._set_stamp:
+            os.environ.pop(STAMP_ENV, None)
+            self._set_stamp = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.get("pipeline") is None:
@@ -123,6 +137,8 @@ class RunTrackingCallback(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.get("pipeline") is None:
             return  # no experiment chosen: the app refuses to run, there is nothing to record
+        if not is_rank_zero():
+            return  # a data-parallel job's other ranks: rank 0 keeps the records
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             try:
                 validate_job(config, config.hydra)

@@ -194,6 +194,36 @@ def check_variant(cfg: DictConfig) -> None:
         )
 
 
+def check_data_parallel(cfg: DictConfig) -> None:
+    """A multi-process strategy is one our jobs can run under, and not started from inside a local sweep.
+
+    ``trainer.strategy=ddp`` with several devices re-runs the job's command once per rank (Lightning's
+    launcher): a sweep's jobs would each start a sweep. On a cluster ``hydra/launcher=submitit_slurm`` with
+    one task per device (SLURM starts the ranks) is the way to sweep data-parallel jobs.
+    """
+    strategy = str(OmegaConf.select(cfg, "trainer.strategy", default="auto"))
+    devices = OmegaConf.select(cfg, "trainer.devices", default=1)
+    if any(word in strategy for word in ("spawn", "fork", "notebook")):
+        raise InvalidValue(
+            f"trainer.strategy={strategy}: not supported; use trainer.strategy=ddp (every rank runs the "
+            "whole job, rank 0 writes its files)"
+        )
+    several = str(devices) not in ("1", "None")
+    launcher = str(OmegaConf.select(cfg, "hydra.launcher._target_", default=""))
+    if (
+        "ddp" in strategy
+        and several
+        and str(OmegaConf.select(cfg, "hydra.mode", default="")) == "MULTIRUN"
+        and "SlurmLauncher" not in launcher
+    ):
+        raise InvalidValue(
+            f"trainer.strategy={strategy} with trainer.devices={devices} inside a local multirun: each job "
+            "would re-launch the sweep's command per rank. Sweep data-parallel jobs on SLURM "
+            f"(hydra/launcher=submitit_slurm hydra.launcher.tasks_per_node={devices} "
+            f"hydra.launcher.gpus_per_node={devices}), or run them one at a time"
+        )
+
+
 def check_required(cfg: DictConfig) -> None:
     """Every mandatory value (``???`` in a config file) is given."""
     # Hydra's own node has run-time values (hydra.job.num) filled in later; interpolations are not resolved.
@@ -265,6 +295,7 @@ def validate(cfg: DictConfig, baseline: DictConfig | None, keys: Iterable[str]) 
         check_types(cfg, baseline, keys)
     check_values(cfg)
     check_variant(cfg)
+    check_data_parallel(cfg)
 
 
 def describe_existing(run_dir: Path) -> str:

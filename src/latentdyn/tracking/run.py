@@ -23,8 +23,10 @@ import yaml
 
 from latentdyn.errors import user_facing
 from latentdyn.jsonio import write_json_atomic, write_text_atomic
+from latentdyn.tracking.dashboard import Dashboard, open_dashboard
 from latentdyn.tracking.manifest import append_record
 from latentdyn.tracking.provenance import git_patch, git_state, invocation, software_versions
+from latentdyn.tracking.ranks import is_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,8 @@ class TrackedRun:
     _info: dict[str, Any] = field(default_factory=dict, init=False)
     _t0: float = field(default=0.0, init=False)
     _log_handler: logging.Handler | None = field(default=None, init=False)
+    # The run's wandb run when its logger is wandb (latentdyn.tracking.dashboard).
+    _dashboard: Dashboard | None = field(default=None, init=False)
 
     def start(self) -> None:
         """Create the run directory, write config and run_info, open run.log, append ``started``."""
@@ -125,7 +129,9 @@ class TrackedRun:
         }
         write_json(self.run_dir / RUN_INFO_NAME, self._info)
         append_record(self.manifest_path, self._manifest_line("started"))
+        parent = current_run()
         _active_runs.append(self)
+        self._dashboard = open_dashboard(self, parent)
         log.info("run %s (%s) started in %s", self.run_id, self.experiment, self.run_dir)
 
     def _record_patch(self) -> dict[str, Any]:
@@ -155,8 +161,10 @@ class TrackedRun:
         return dict(self._info.get("metrics") or {})
 
     def complete(self, metrics: Mapping[str, Any] | None) -> None:
-        """Mark the run completed with its key metrics."""
-        self._finish("completed", clean_metrics(metrics), error=None)
+        """Mark the run completed with its key metrics (published to its wandb run, if any, with its outputs)."""
+        metrics = clean_metrics(metrics)
+        self._close_dashboard(metrics, exit_code=0)
+        self._finish("completed", metrics, error=None)
         log.info("run %s completed; outputs in %s", self.run_id, self.run_dir)
 
     def fail(self, exc: BaseException) -> None:
@@ -169,7 +177,13 @@ class TrackedRun:
             "traceback": "".join(traceback.format_exception(exc)),
         }
         log.error("run %s failed: %s: %s", self.run_id, error["type"], error["message"])
+        self._close_dashboard(None, exit_code=1)
         self._finish("failed", {}, error=error)
+
+    def _close_dashboard(self, metrics: Mapping[str, Any] | None, exit_code: int) -> None:
+        dashboard, self._dashboard = self._dashboard, None
+        if dashboard is not None:
+            dashboard.close(metrics, exit_code=exit_code)
 
     def _finish(self, status: str, metrics: dict[str, Any], error: dict[str, Any] | None) -> None:
         self._info.update(
@@ -256,6 +270,9 @@ def tracked_run(**kwargs: Any) -> Iterator[TrackedRun]:
     ``run.result`` becomes the completed line's key metrics; an exception marks the run failed and propagates.
     """
     run = TrackedRun(**kwargs)
+    if not is_rank_zero():  # a data-parallel job's other ranks: rank 0 keeps the records
+        yield run
+        return
     run.start()
     try:
         yield run

@@ -1,0 +1,68 @@
+"""Which process of a multi-process job this is, read from the environment its launcher sets.
+
+A job trained with ``trainer.strategy=ddp`` runs as several processes: Lightning's launcher starts the
+ranks > 0 on one machine (it sets ``LOCAL_RANK``/``NODE_RANK``), torchrun sets ``RANK``, and SLURM (a
+``hydra/launcher=submitit_slurm`` job with several tasks) sets ``SLURM_PROCID``. Every rank runs the whole
+job; only rank 0 writes the run's files, manifest lines and checkpoints, and logs to wandb.
+
+Imports nothing but the standard library: the tracking callback asks before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+
+def global_rank(env: Mapping[str, str] | None = None) -> int:
+    """This process's global rank (0 for a single-process job).
+
+    Read from ``RANK`` (torchrun, Lightning's DDP children), else ``SLURM_PROCID`` when SLURM runs several
+    tasks, else ``NODE_RANK`` × processes per node + ``LOCAL_RANK`` (Lightning's launcher sets ``LOCAL_RANK`` in
+    each process it starts).
+    """
+    env = os.environ if env is None else env
+    if env.get("RANK"):
+        return int(env["RANK"])
+    if env.get("SLURM_PROCID") and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return int(env["SLURM_PROCID"])
+    local = int(env.get("LOCAL_RANK") or 0)
+    node = int(env.get("NODE_RANK") or 0)
+    if node == 0:
+        return local
+    # Another node of a Lightning-launched job: ranks there are node × processes per node + local rank.
+    per_node = int(env.get("LOCAL_WORLD_SIZE") or 0) or int(env.get("WORLD_SIZE") or 1)
+    return node * per_node + local
+
+
+def is_rank_zero(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process writes the job's records (rank 0, or the only process)."""
+    return global_rank(env) == 0
+
+
+#: Name of a rank's private directory inside the run directory (see :func:`rank_scratch_dir`).
+_SCRATCH_PREFIX = ".rank"
+
+
+def rank_scratch_dir(run_dir: Path, rank: int) -> Path:
+    """Where rank ``rank`` > 0 of a multi-process job writes what the job writes: ``<run_dir>/.rank<N>``.
+
+    Every rank runs the whole job (the same evaluation on the same weights); its files would race with
+    rank 0's, so the other ranks write theirs here and the directory is removed when the job ends well.
+    Checkpoints are the exception: all ranks read the ones rank 0 writes (:func:`shared_path`).
+    """
+    if rank < 1:
+        raise ValueError(f"rank 0 writes the run directory itself, got rank {rank}")
+    return Path(run_dir) / f"{_SCRATCH_PREFIX}{rank}"
+
+
+def shared_path(path: Path) -> Path:
+    """``path`` with a rank's private directory left out (:func:`rank_scratch_dir`): the location rank 0
+    uses, which every rank shares (checkpoints)."""
+    parts = [p for p in Path(path).parts if not _is_scratch_name(p)]
+    return Path(*parts) if parts else Path(path)
+
+
+def _is_scratch_name(name: str) -> bool:
+    return name.startswith(_SCRATCH_PREFIX) and name[len(_SCRATCH_PREFIX) :].isdigit()
