@@ -149,6 +149,19 @@ def prepare_splits(cfg: DictConfig) -> dict[str, list[Utterance]]:
     return {name: read_index(path / f"{name}.jsonl") for name in SPLITS}
 
 
+def encoding_settings(cfg: DictConfig, device: Any) -> dict[str, Any]:
+    """The extraction settings (``cfg.extract``, ``cfg.data.on_bad_audio``) as keyword arguments of
+    :func:`~latentdyn.representations.extract.extract_to_store` and ``encode_worker_shards``."""
+    return {
+        "batch_seconds": batch_seconds(cfg, device),
+        "on_bad_audio": cfg.data.on_bad_audio,
+        "device": device,
+        "precision": cfg.extract.precision,
+        "num_workers": cfg.extract.num_workers,
+        "shard_seconds": cfg.extract.shard_seconds,
+    }
+
+
 def batch_seconds(cfg: DictConfig, device: Any) -> float:
     """Audio seconds per encoder batch: ``extract.batch_seconds``, or when null 600 s on GPU (batching is what
     makes a GPU fast) and 8 s on CPU (codecs run no faster in large CPU batches; padding only costs)."""
@@ -164,19 +177,58 @@ def latent_store_path(cfg: DictConfig) -> Path:
     return artifacts.artifact_path(Path(cfg.paths.cache_dir), "latents", store_spec(cfg))
 
 
+def extract_worker(cfg: DictConfig) -> Any:
+    """This process's :class:`~latentdyn.representations.extract.Worker` of the latent extraction, from
+    ``extract.rank`` / ``extract.world_size`` or (null) the launcher's environment (torchrun, SLURM)."""
+    from latentdyn.representations.extract import resolve_worker
+
+    return resolve_worker(cfg.extract.get("rank"), cfg.extract.get("world_size"))
+
+
+def _checked_corpus_bad_files(cfg: DictConfig) -> list[BadFile]:
+    indexing_skipped = corpus_bad_files(cfg)
+    if indexing_skipped and cfg.data.on_bad_audio == "error":  # a corpus indexed under another policy
+        first = indexing_skipped[0]
+        raise BadAudioError(first.path, first.reason, first.stage)
+    return indexing_skipped
+
+
 def prepare_latent_store(cfg: DictConfig) -> LatentStore:
-    """The latent store of ``cfg.data`` x ``cfg.representation`` (built on first use, then reused)."""
-    from latentdyn.representations.extract import extract_to_store, resolve_device
+    """The latent store of ``cfg.data`` x ``cfg.representation`` (built on first use, then reused).
+
+    With several extraction workers (``extract.world_size`` > 1, or a torchrun / SLURM environment: see
+    :func:`extract_worker`) each encodes its share of the shards outside the artifact's lock, and the store is
+    assembled from them once, under the lock, by a worker that finds them all complete (see
+    :func:`_encode_distributed`).
+    """
+    from latentdyn.representations.extract import (
+        assemble_store,
+        extract_to_store,
+        release_shard_dir,
+        resolve_device,
+    )
 
     store_path = latent_store_path(cfg)
+    # Beside the artifact, outside its temporary build dir: a killed build resumes from here, and every
+    # distributed worker finds the same directory (the artifact key names it).
+    shard_dir = store_path.parent / f"{store_path.name}.shards"
+    worker = extract_worker(cfg)
+    distributed: dict[str, Any] = {}  # the representation and plan of a distributed extraction
+    if worker.world_size > 1:
+        if cfg.force:
+            raise ValueError(
+                f"force=true cannot rebuild the latent store with distributed extraction ({worker}, from "
+                f"{worker.source}): workers that start at different times cannot agree on which build is "
+                f"fresh. Rebuild it with one worker (force=true extract.world_size=1 extract.rank=0), or "
+                f"delete {store_path} and run the workers without force"
+            )
+        if not artifacts.is_complete(store_path):
+            distributed.update(_encode_distributed(cfg, store_path, shard_dir, worker))
 
     def build(tmp: Path) -> None:
-        rep = instantiate(cfg.representation)
-        splits = prepare_splits(cfg)
-        indexing_skipped = corpus_bad_files(cfg)
-        if indexing_skipped and cfg.data.on_bad_audio == "error":  # a corpus indexed under another policy
-            first = indexing_skipped[0]
-            raise BadAudioError(first.path, first.reason, first.stage)
+        rep = distributed["rep"] if "rep" in distributed else instantiate(cfg.representation)
+        splits = None if "plan" in distributed else prepare_splits(cfg)
+        indexing_skipped = _checked_corpus_bad_files(cfg)
         meta = {
             "representation": rep.name,
             "sample_rate": rep.sample_rate,
@@ -186,25 +238,25 @@ def prepare_latent_store(cfg: DictConfig) -> LatentStore:
         }
         device = resolve_device(cfg.extract.device)
         with LatentStoreWriter(tmp, dim=rep.dim, meta=meta) as writer:
-            bad = extract_to_store(
-                rep,
-                splits,
-                writer,
-                batch_seconds=batch_seconds(cfg, device),
-                on_bad_audio=cfg.data.on_bad_audio,
-                device=device,
-                precision=cfg.extract.precision,
-                num_workers=cfg.extract.num_workers,
-                # Beside the artifact, outside its temporary build dir: a killed build resumes from here.
-                shard_dir=store_path.parent / f"{store_path.name}.shards",
-                shard_seconds=cfg.extract.shard_seconds,
-                resume=not cfg.force,
-            )
+            if splits is None:  # distributed, every shard complete: merge them in the plan's fixed order
+                log.info("%s: assembling the latent store from the shards in %s", worker, shard_dir)
+                bad = assemble_store(distributed["plan"], shard_dir, writer)
+            else:
+                bad = extract_to_store(
+                    rep,
+                    splits,
+                    writer,
+                    **encoding_settings(cfg, device),
+                    shard_dir=shard_dir,
+                    resume=not cfg.force,
+                )
         write_bad_files([*indexing_skipped, *bad], tmp / BAD_FILES_NAME)
 
     path = artifacts.get_or_build(
         Path(cfg.paths.cache_dir), "latents", store_spec(cfg), build, force=cfg.force
     )
+    if worker.world_size > 1:
+        release_shard_dir(shard_dir)  # the store is in place: its shards have served
     store = LatentStore(path)
     skipped = bad_files(store)
     record_weights(store.meta["representation"], store.meta["weights"])
@@ -217,6 +269,62 @@ def prepare_latent_store(cfg: DictConfig) -> LatentStore:
             Path(store.root) / BAD_FILES_NAME,
         )
     return store
+
+
+def _encode_distributed(cfg: DictConfig, store_path: Path, shard_dir: Path, worker: Any) -> dict[str, Any]:
+    """Encode ``worker``'s shards into ``shard_dir``, then wait until the store can be assembled.
+
+    Returns ``{"rep", "plan"}`` when every shard is complete (the caller assembles the store under the
+    artifact's lock; a concurrent worker may have done it first, which the lock sorts out) and ``{"rep"}``
+    when another worker has already put the store in place.
+
+    Raises:
+        ShardsPending: ``extract.assemble=leave`` and other workers' shards are still missing.
+        TimeoutError: ``extract.assemble=wait`` and they stayed missing for ``extract.wait_timeout_s``.
+    """
+    from latentdyn.representations.extract import (
+        ASSEMBLE_MODES,
+        ShardsPending,
+        encode_worker_shards,
+        missing_shards,
+        resolve_device,
+        wait_for_shards,
+    )
+
+    assemble = str(cfg.extract.get("assemble") or "wait")
+    timeout_s = float(cfg.extract.get("wait_timeout_s") or 86400.0)
+    poll_s = float(cfg.extract.get("poll_s") or 30.0)
+    if assemble not in ASSEMBLE_MODES:
+        raise ValueError(f"extract.assemble must be one of {ASSEMBLE_MODES}, got {assemble!r}")
+    if not timeout_s > 0 or not poll_s > 0:
+        raise ValueError(
+            f"extract.wait_timeout_s and extract.poll_s must be positive, got {timeout_s}, {poll_s}"
+        )
+    rep = instantiate(cfg.representation)
+    splits = prepare_splits(cfg)
+    _checked_corpus_bad_files(cfg)
+    device = resolve_device(cfg.extract.device)
+    plan = encode_worker_shards(rep, splits, shard_dir, worker, **encoding_settings(cfg, device))
+
+    def store_done() -> bool:
+        return artifacts.is_complete(store_path)
+
+    if store_done():
+        return {"rep": rep}
+    missing = missing_shards(shard_dir, plan, rep.dim)
+    if missing and assemble == "leave":
+        raise ShardsPending(
+            f"{worker}: its shards are written to {shard_dir}; shards {missing} of {len(plan.shards)} (rank(s) "
+            f"{sorted({worker.owner(k) for k in missing})}) are not done yet, so it leaves "
+            "(extract.assemble=leave): the worker that finishes last assembles the store "
+            f"{store_path}. Set extract.assemble=wait to wait for it instead.",
+            missing,
+        )
+    if missing and not wait_for_shards(
+        shard_dir, plan, rep.dim, worker, timeout_s=timeout_s, poll_s=poll_s, done=store_done
+    ):
+        return {"rep": rep}  # another worker assembled the store while this one waited
+    return {"rep": rep, "plan": plan}
 
 
 def checkpoint_store(cfg: DictConfig, target: str, checkpoint: Path) -> LatentStore:

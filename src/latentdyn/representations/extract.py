@@ -18,6 +18,14 @@ Pipeline (DESIGN §5, §7):
 5. **Merge.** The shards are streamed into the :class:`LatentStoreWriter` in a fixed order, sorted by split
    name then utterance id, whatever the bucketing; the writer is closed (the store is complete) and only
    then are the shards deleted.
+6. **Distribute (optional).** Several processes can share one extraction: worker ``rank`` of ``world_size``
+   (:func:`resolve_worker`: config, else torchrun / SLURM environment) encodes the shards ``k`` with
+   ``k % world_size == rank`` (:func:`encode_worker_shards`) into one shared, stable shard directory. Workers
+   of the same plan keep each other's shards (``plan.json`` is written once, under ``.plan.lock``; each
+   worker holds a shared ``flock`` on ``.lock`` while it writes, and wiping needs it exclusively). Once
+   :func:`missing_shards` is empty, one of them merges with :func:`assemble_store` (the caller serialises
+   that with the artifact's lock); the merge order depends on the plan alone, so the store is the same
+   byte for byte for any number of workers. :func:`wait_for_shards` polls for the others' shards.
 
 Memory stays bounded: at most a couple of batches in flight per loader worker, two shards in RAM, and the
 merge copies one utterance at a time out of memory-mapped shards.
@@ -26,6 +34,8 @@ merge copies one utterance at a time out of memory-mapped shards.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -33,7 +43,7 @@ import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +67,7 @@ from latentdyn.data.audio import (
 from latentdyn.data.corpus import Utterance
 from latentdyn.data.latent_store import LatentStoreWriter
 from latentdyn.data.workers import worker_context
+from latentdyn.errors import UserFacingError
 from latentdyn.jsonio import write_json_atomic
 from latentdyn.representations.base import Representation
 from latentdyn.representations.energy import frame_log_energy
@@ -64,18 +75,27 @@ from latentdyn.representations.energy import frame_log_energy
 __all__ = [
     "BAD_AUDIO_POLICIES",
     "BadFile",
+    "ASSEMBLE_MODES",
     "EncodedBatch",
     "PRECISIONS",
     "ShardPlan",
+    "ShardsPending",
+    "Worker",
     "aligned_log_energy",
+    "assemble_store",
     "default_num_workers",
     "encode_padded",
+    "encode_worker_shards",
     "extract_to_store",
     "flush_denormals",
     "launch_encode",
     "length_buckets",
+    "missing_shards",
     "plan_shards",
+    "release_shard_dir",
     "resolve_device",
+    "resolve_worker",
+    "wait_for_shards",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,6 +110,10 @@ PRIVATE_SHARD_DIR = ".extract-shards"
 
 _PLAN_FILE = "plan.json"
 _LOCK_FILE = ".lock"
+#: Serialises distributed workers' checks of (and writes to) ``plan.json``.
+_PLAN_LOCK_FILE = ".plan.lock"
+#: What a distributed worker does when its own shards are done but others' are not (``extract.assemble``).
+ASSEMBLE_MODES = ("wait", "leave")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 #: Shards kept memory-mapped at once while merging (each holds two open maps).
 _OPEN_SHARDS = 16
@@ -399,7 +423,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # Per process: two workers that both compute a shard (a rerun rank) never write into one temporary file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as fh:
         np.save(fh, array, allow_pickle=False)
         fh.flush()
@@ -466,7 +491,11 @@ def _load_complete_shard(shard_dir: Path, k: int, fingerprint: str, dim: int) ->
 
 
 def _is_shard_file(path: Path) -> bool:
-    return path.name.startswith("shard-") or path.name in (_PLAN_FILE, _PLAN_FILE + ".tmp")
+    # Also the temporary names of write_json_atomic (``.shard-000001.json.<pid>.tmp``, ``.plan.json.<pid>.tmp``).
+    return path.name.startswith(("shard-", ".shard-", f".{_PLAN_FILE}.")) or path.name in (
+        _PLAN_FILE,
+        _PLAN_FILE + ".tmp",
+    )
 
 
 def _clear_shards(shard_dir: Path) -> None:
@@ -796,22 +825,8 @@ def extract_to_store(
             id, or latents the float16 store cannot hold (non-finite, beyond ±65504).
         RuntimeError: another process is extracting into ``shard_dir``.
     """
-    items = [(split, utt) for split, utts in splits.items() for utt in utts]
-    _validate(items, batch_seconds, shard_seconds, on_bad_audio, precision)
-    device = resolve_device(device)
-    if precision != "fp32" and device.type != "cuda":
-        raise ValueError(f"extract.precision={precision} needs a CUDA device; on {device.type} use fp32")
-    if writer.dim != rep.dim:
-        raise ValueError(f"writer has dim {writer.dim}, representation {rep.name} has dim {rep.dim}")
-    workers = default_num_workers(device) if num_workers is None else int(num_workers)
-    if workers < 0:
-        raise ValueError(f"extract.num_workers must be >= 0, got {num_workers}")
-    rep.to(device)
-    plan = plan_shards(
-        items,
-        batch_seconds=batch_seconds,
-        shard_seconds=shard_seconds,
-        settings=_settings(rep, device, precision, batch_seconds),
+    items, device, workers, plan = _setup(
+        rep, splits, batch_seconds, shard_seconds, on_bad_audio, precision, device, num_workers, writer.dim
     )
     private = shard_dir is None
     shard_path = Path(writer.root) / PRIVATE_SHARD_DIR if private else Path(shard_dir)
@@ -822,19 +837,19 @@ def extract_to_store(
     except Timeout as err:
         raise RuntimeError(f"another extraction is writing shards to {shard_path}") from err
     try:
-        bad = _extract_locked(
+        _prepare_shard_dir(shard_path, plan.fingerprint, resume and not private)
+        _encode_shards(
             rep,
-            items,
             plan,
-            writer,
+            range(len(plan.shards)),
             shard_path,
             on_bad_audio=on_bad_audio,
             device=device,
             precision=precision,
             num_workers=workers,
-            resume=resume and not private,
             progress=progress,
         )
+        bad = assemble_store(plan, shard_path, writer, progress=progress)
         _clear_shards(shard_path)  # the store is complete: the shards have served
     finally:
         lock.release()
@@ -844,35 +859,63 @@ def extract_to_store(
     return bad
 
 
-def _extract_locked(
+def _setup(
     rep: Representation,
-    items: Sequence[Item],
+    splits: Mapping[str, Sequence[Utterance]],
+    batch_seconds: float,
+    shard_seconds: float,
+    on_bad_audio: str,
+    precision: str,
+    device: torch.device | str,
+    num_workers: int | None,
+    writer_dim: int | None = None,
+) -> tuple[list[Item], torch.device, int, ShardPlan]:
+    """Validate the settings, move ``rep`` to the device and plan the shards: (items, device, workers, plan)."""
+    items = [(split, utt) for split, utts in splits.items() for utt in utts]
+    _validate(items, batch_seconds, shard_seconds, on_bad_audio, precision)
+    device = resolve_device(device)
+    if precision != "fp32" and device.type != "cuda":
+        raise ValueError(f"extract.precision={precision} needs a CUDA device; on {device.type} use fp32")
+    if writer_dim is not None and writer_dim != rep.dim:
+        raise ValueError(f"writer has dim {writer_dim}, representation {rep.name} has dim {rep.dim}")
+    workers = default_num_workers(device) if num_workers is None else int(num_workers)
+    if workers < 0:
+        raise ValueError(f"extract.num_workers must be >= 0, got {num_workers}")
+    rep.to(device)
+    plan = plan_shards(
+        items,
+        batch_seconds=batch_seconds,
+        shard_seconds=shard_seconds,
+        settings=_settings(rep, device, precision, batch_seconds),
+    )
+    return items, device, workers, plan
+
+
+def _encode_shards(
+    rep: Representation,
     plan: ShardPlan,
-    writer: LatentStoreWriter,
+    mine: Sequence[int],
     shard_dir: Path,
     *,
     on_bad_audio: str,
     device: torch.device,
     precision: str,
     num_workers: int,
-    resume: bool,
     progress: bool,
-) -> list[BadFile]:
-    """:func:`extract_to_store` once ``shard_dir`` is locked: compute missing shards, merge, close."""
-    _prepare_shard_dir(shard_dir, plan.fingerprint, resume)
-    done = {
-        k: sc
-        for k in range(len(plan.shards))
-        if (sc := _load_complete_shard(shard_dir, k, plan.fingerprint, rep.dim))
-    }
-    todo = [k for k in range(len(plan.shards)) if k not in done]
+    who: str = "",
+) -> None:
+    """Compute the shards ``mine`` (ascending) that ``shard_dir`` lacks, once the directory is locked and holds
+    this plan (``who`` prefixes the log lines of a distributed worker: ``"rank 1 of 4: "``)."""
+    done = {k: sc for k in mine if (sc := _load_complete_shard(shard_dir, k, plan.fingerprint, rep.dim))}
+    todo = [k for k in mine if k not in done]
     done_seconds = sum(plan.shard_seconds(k) for k in done)
-    total_seconds = sum(u.duration for _, u in items)
+    total_seconds = sum(plan.shard_seconds(k) for k in mine)
     if done:
         log.info(
-            "resuming extraction: %d of %d shards (%.0f s of audio) already done",
+            "%sresuming extraction: %d of %d shards (%.0f s of audio) already done",
+            who,
             len(done),
-            len(plan.shards),
+            len(mine),
             done_seconds,
         )
         for sc in done.values():
@@ -910,28 +953,391 @@ def _extract_locked(
     elapsed = time.monotonic() - t0
     if todo:
         log.info(
-            "encoded %.0f s of audio in %.1f s (%.1fx real time) on %s, %s",
+            "%sencoded %.0f s of audio in %.1f s (%.1fx real time) on %s, %s",
+            who,
             computed,
             elapsed,
             computed / max(elapsed, 1e-9),
             device,
             precision,
         )
-    sidecars = [
-        done.get(k) or _load_complete_shard(shard_dir, k, plan.fingerprint, rep.dim)
+
+
+def missing_shards(shard_dir: Path | str, plan: ShardPlan, dim: int) -> list[int]:
+    """The shards of ``plan`` that ``shard_dir`` does not hold complete (ascending)."""
+    return [
+        k
         for k in range(len(plan.shards))
+        if _load_complete_shard(Path(shard_dir), k, plan.fingerprint, dim) is None
+    ]
+
+
+def assemble_store(
+    plan: ShardPlan, shard_dir: Path | str, writer: LatentStoreWriter, *, progress: bool = True
+) -> list[BadFile]:
+    """Merge the complete shards of ``plan`` into ``writer`` in the fixed store order and close it.
+
+    The order (split name, then utterance id) depends on the plan alone, never on which process wrote which
+    shard, so the store is the same byte for byte however many workers encoded it. The shards are kept (the
+    caller deletes them once the store is in place).
+
+    Returns:
+        the skipped bad files (stage ``extract``), in store order.
+
+    Raises:
+        RuntimeError: a shard is missing or incomplete.
+        BadAudioError: every audio file is bad.
+    """
+    shard_dir = Path(shard_dir)
+    sidecars = [
+        _load_complete_shard(shard_dir, k, plan.fingerprint, writer.dim) for k in range(len(plan.shards))
     ]
     missing = [k for k, sc in enumerate(sidecars) if sc is None]
     if missing:
         raise RuntimeError(f"shards {missing} in {shard_dir} are missing after extraction")
+    n_items = sum(len(batch) for batch in plan.batches)
     bad_records = sorted((b for sc in sidecars for b in sc["bad"]), key=lambda b: (b["split"], b["utt_id"]))
     bad = [BadFile(b["path"], "extract", b["reason"], b["utt_id"]) for b in bad_records]
-    if items and len(bad) == len(items):
+    if n_items and len(bad) == n_items:
         raise BadAudioError(
             bad[0].path,
-            f"every one of the {len(items)} audio files is bad; first: {bad[0].reason}",
+            f"every one of the {n_items} audio files is bad; first: {bad[0].reason}",
             "extract",
         )
     _merge_shards(shard_dir, sidecars, writer, progress)
     writer.close()
     return bad
+
+
+# ------------------------------------------------------------------------------- distributed extraction
+
+
+class ShardsPending(UserFacingError):
+    """A distributed worker (``extract.assemble=leave``) wrote its shards and left before the others finished.
+
+    Attributes:
+        missing: the shards still missing when it left.
+    """
+
+    def __init__(self, message: str, missing: Sequence[int]) -> None:
+        super().__init__(message)
+        self.missing = list(missing)
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One of ``world_size`` processes that split an extraction by shard; rank ``r`` encodes shards
+    ``k`` with ``k % world_size == r``.
+
+    Attributes:
+        rank: this worker's index, ``0 <= rank < world_size``.
+        world_size: how many workers share the extraction (1: a single process does everything).
+        source: where the identity came from (``config``, ``torchrun``, ``slurm-array``, ``slurm-tasks``,
+            ``default``; ``+``-joined when rank and world size came from different places).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    source: str = "default"
+
+    def shards(self, n_shards: int) -> list[int]:
+        """The shards of an ``n_shards``-shard plan this worker encodes."""
+        return list(range(self.rank, n_shards, self.world_size))
+
+    def owner(self, k: int) -> int:
+        """The rank that encodes shard ``k``."""
+        return k % self.world_size
+
+    def __str__(self) -> str:
+        return f"rank {self.rank} of {self.world_size}"
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError as err:
+        raise ValueError(f"environment variable {name}={env[name]!r} is not an integer") from err
+
+
+def _worker_from_env(env: Mapping[str, str]) -> tuple[int, int, str] | None:
+    """(rank, world_size, source) from a launcher's environment, or None outside one."""
+    if env.get("RANK") and env.get("WORLD_SIZE"):  # torchrun, Lightning's DDP processes
+        return _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE"), "torchrun"
+    if env.get("SLURM_ARRAY_TASK_ID") and env.get("SLURM_ARRAY_TASK_COUNT"):
+        first = _env_int(env, "SLURM_ARRAY_TASK_MIN") if env.get("SLURM_ARRAY_TASK_MIN") else 0
+        step = _env_int(env, "SLURM_ARRAY_TASK_STEP") if env.get("SLURM_ARRAY_TASK_STEP") else 1
+        rank = (_env_int(env, "SLURM_ARRAY_TASK_ID") - first) // max(step, 1)
+        return rank, _env_int(env, "SLURM_ARRAY_TASK_COUNT"), "slurm-array"
+    if env.get("SLURM_PROCID") and env.get("SLURM_NTASKS"):
+        return _env_int(env, "SLURM_PROCID"), _env_int(env, "SLURM_NTASKS"), "slurm-tasks"
+    return None
+
+
+def resolve_worker(
+    rank: int | None = None, world_size: int | None = None, env: Mapping[str, str] | None = None
+) -> Worker:
+    """This process's share of a distributed extraction.
+
+    ``rank`` / ``world_size`` (``extract.rank`` / ``extract.world_size``) win when given; each one left None
+    comes from the launcher's environment: torchrun or Lightning (``RANK``, ``WORLD_SIZE``), else a SLURM
+    array (``SLURM_ARRAY_TASK_ID`` minus ``SLURM_ARRAY_TASK_MIN``, divided by ``SLURM_ARRAY_TASK_STEP``;
+    ``SLURM_ARRAY_TASK_COUNT``), else SLURM tasks (``SLURM_PROCID``, ``SLURM_NTASKS``); outside all of
+    them rank 0 of 1.
+
+    Raises:
+        ValueError: not ``0 <= rank < world_size`` (the message names the config keys and the variables).
+    """
+    env = os.environ if env is None else env
+    detected = _worker_from_env(env)
+    env_rank, env_world, env_source = detected if detected else (0, 1, "default")
+    sources = []
+    if rank is None:
+        rank = env_rank
+        sources.append(env_source)
+    else:
+        sources.append("config")
+    if world_size is None:
+        world_size = env_world
+        sources.append(env_source)
+    else:
+        sources.append("config")
+    source = sources[0] if sources[0] == sources[1] else "+".join(sources)
+    try:
+        rank, world_size = int(rank), int(world_size)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"extract.rank and extract.world_size must be integers (or null), got {rank!r} and {world_size!r}"
+        ) from err
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"extract.rank={rank} and extract.world_size={world_size} (from {source}) need "
+            "0 <= extract.rank < extract.world_size; set both keys, or leave them null to read RANK/WORLD_SIZE, "
+            "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT or SLURM_PROCID/SLURM_NTASKS from the environment"
+        )
+    return Worker(rank, world_size, source)
+
+
+class _SharedDirLock:
+    """An ``flock`` on ``shard_dir/.lock``: shared by the workers of a distributed extraction, exclusive for a
+    single-process one (whose :class:`filelock.FileLock` on the same file conflicts with it) and for wiping.
+
+    A lock file deleted and recreated by a finishing extraction is detected and the lock taken again on the
+    new file, so two processes never hold locks on different files of the same name.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def try_lock(self, *, shared: bool) -> bool:
+        """Take (or convert to) a shared or exclusive lock without blocking; False when held by others."""
+        for _ in range(10):
+            if self.fd is None:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    return False
+                raise
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    return True
+            except FileNotFoundError:
+                pass
+            self.close()  # the file was replaced while we opened it: lock the new one
+        raise RuntimeError(f"could not lock {self.path}: it keeps being replaced")
+
+    def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _join_shard_dir(shard_dir: Path, fingerprint: str, worker: Worker) -> _SharedDirLock:
+    """Enter ``shard_dir`` as one of several workers of the plan ``fingerprint``; returns the held shared lock.
+
+    ``plan.json`` is checked and written under ``.plan.lock``, one worker at a time. The same plan: everything
+    there (others' shards included) is kept. No plan or another one: the directory is wiped and the plan
+    written, but only when no other extraction holds it (an exclusive lock is needed to wipe).
+
+    Raises:
+        RuntimeError: workers of another plan, or a single-process extraction, are using ``shard_dir``.
+    """
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    dir_lock = _SharedDirLock(shard_dir / _LOCK_FILE)
+    try:
+        with FileLock(str(shard_dir / _PLAN_LOCK_FILE), timeout=-1):
+            plan_path = shard_dir / _PLAN_FILE
+            try:
+                previous = json.loads(plan_path.read_text()).get("fingerprint")
+            except (OSError, ValueError):
+                previous = None
+            if previous != fingerprint:
+                if not dir_lock.try_lock(shared=False):
+                    raise RuntimeError(
+                        f"{worker}: {shard_dir} is in use by an extraction of another plan "
+                        f"(fingerprint {previous}, this worker's {fingerprint}): every worker must extract the "
+                        "same corpus with the same representation and extract.* settings on the same device "
+                        "type; wait for the other extraction to end or stop it"
+                    )
+                if previous is not None:
+                    log.warning(
+                        "%s: discarding the shards in %s (the extraction plan changed)", worker, shard_dir
+                    )
+                _clear_shards(shard_dir)
+                write_json_atomic(plan_path, {"format": SHARD_FORMAT_VERSION, "fingerprint": fingerprint})
+            if not dir_lock.try_lock(shared=True):
+                raise RuntimeError(f"another extraction is writing shards to {shard_dir}")
+    except BaseException:
+        dir_lock.close()
+        raise
+    return dir_lock
+
+
+def encode_worker_shards(
+    rep: Representation,
+    splits: Mapping[str, Sequence[Utterance]],
+    shard_dir: Path | str,
+    worker: Worker,
+    *,
+    batch_seconds: float,
+    on_bad_audio: str = "skip",
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    num_workers: int | None = None,
+    shard_seconds: float = DEFAULT_SHARD_SECONDS,
+    progress: bool = True,
+) -> ShardPlan:
+    """Encode ``worker``'s shards of the extraction of ``splits`` into the shared ``shard_dir``.
+
+    Every worker plans the same shards (the plan is a deterministic function of the utterances and the
+    settings) and computes those that :meth:`Worker.shards` assigns to it and the directory lacks, keeping
+    every other worker's shards. Call :func:`missing_shards` then :func:`assemble_store` (under the
+    artifact's lock) to build the store once every shard is there. Arguments as :func:`extract_to_store`;
+    ``shard_dir`` must be the same stable directory for every worker (e.g. ``<cache>/latents/<key>.shards``).
+
+    Returns:
+        the plan (for :func:`missing_shards`, :func:`wait_for_shards` and :func:`assemble_store`).
+    """
+    shard_dir = Path(shard_dir)
+    _, device, workers, plan = _setup(
+        rep, splits, batch_seconds, shard_seconds, on_bad_audio, precision, device, num_workers
+    )
+    mine = worker.shards(len(plan.shards))
+    log.info(
+        "%s (from %s): encoding %d of the %d shards (plan %s) into %s",
+        worker,
+        worker.source,
+        len(mine),
+        len(plan.shards),
+        plan.fingerprint,
+        shard_dir,
+    )
+    dir_lock = _join_shard_dir(shard_dir, plan.fingerprint, worker)
+    try:
+        _encode_shards(
+            rep,
+            plan,
+            mine,
+            shard_dir,
+            on_bad_audio=on_bad_audio,
+            device=device,
+            precision=precision,
+            num_workers=workers,
+            progress=progress,
+            who=f"{worker}: ",
+        )
+    finally:
+        dir_lock.close()
+    return plan
+
+
+def wait_for_shards(
+    shard_dir: Path | str,
+    plan: ShardPlan,
+    dim: int,
+    worker: Worker,
+    *,
+    timeout_s: float,
+    poll_s: float = 30.0,
+    done: Callable[[], bool] = lambda: False,
+    log_every_s: float = 60.0,
+) -> bool:
+    """Poll until every shard of ``plan`` is complete (True) or ``done()`` (the store exists: False).
+
+    Polls after 0.5 s, doubling up to ``poll_s``; logs which shards (and whose) it waits for when that
+    changes and every ``log_every_s``.
+
+    Raises:
+        TimeoutError: ``timeout_s`` passed first; the message lists the missing shards and their ranks.
+    """
+    shard_dir = Path(shard_dir)
+    deadline = time.monotonic() + timeout_s
+    delay = min(0.5, poll_s)
+    complete: set[int] = set()  # a complete shard stays complete until the store is assembled
+    reported: tuple[list[int], float] | None = None
+    while True:
+        if done():
+            return False
+        missing = [
+            k
+            for k in range(len(plan.shards))
+            if k not in complete and _load_complete_shard(shard_dir, k, plan.fingerprint, dim) is None
+        ]
+        complete.update(set(range(len(plan.shards))) - set(missing))
+        if not missing:
+            return True
+        now = time.monotonic()
+        owners = sorted({worker.owner(k) for k in missing})
+        if now >= deadline:
+            raise TimeoutError(
+                f"{worker}: gave up after {timeout_s:g} s (extract.wait_timeout_s) waiting for shards "
+                f"{_short(missing)} of {len(plan.shards)} in {shard_dir}, encoded by rank(s) {_short(owners)}: "
+                "rerun those ranks (finished shards are kept), then any rank assembles the store"
+            )
+        if reported is None or reported[0] != missing or now - reported[1] >= log_every_s:
+            log.info(
+                "%s: waiting for %d of %d shards in %s: %s (rank(s) %s); giving up in %.0f s",
+                worker,
+                len(missing),
+                len(plan.shards),
+                shard_dir,
+                _short(missing),
+                _short(owners),
+                deadline - now,
+            )
+            reported = (missing, now)
+        time.sleep(max(0.0, min(delay, deadline - now)))
+        delay = min(2 * delay, poll_s)
+
+
+def _short(values: Sequence[int], limit: int = 20) -> str:
+    """``[0, 2, 4]``, or the first ``limit`` values and a count of the rest."""
+    if len(values) <= limit:
+        return str(list(values))
+    return "[" + ", ".join(map(str, values[:limit])) + f", ... and {len(values) - limit} more]"
+
+
+def release_shard_dir(shard_dir: Path | str) -> None:
+    """Delete the shards of a store that is now complete; the directory too once no worker holds it."""
+    shard_dir = Path(shard_dir)
+    dir_lock = _SharedDirLock(shard_dir / _LOCK_FILE)
+    try:
+        # Best effort: another worker may be cleaning up at the same time (whoever locks the directory
+        # exclusively removes it all; the rest remove only shards, which a complete store no longer needs).
+        idle = dir_lock.try_lock(shared=False)
+        for path in shard_dir.iterdir():
+            if path.name.startswith("shard-"):
+                path.unlink(missing_ok=True)
+        if idle:
+            _clear_shards(shard_dir)
+            (shard_dir / _PLAN_LOCK_FILE).unlink(missing_ok=True)
+            (shard_dir / _LOCK_FILE).unlink(missing_ok=True)
+            shard_dir.rmdir()
+    except OSError as err:
+        log.debug("could not (fully) remove %s: %s", shard_dir, err)
+    finally:
+        dir_lock.close()
