@@ -312,3 +312,47 @@ def test_exp1b_titles_with_name_run_id_and_horizon(tmp_path: Path, saved_figures
     assert curves
     for fig in curves.values():
         assert_titled(fig, "exp1b_vmf_rollout", RUN_ID, 1)
+
+
+# --- bands across seeds ------------------------------------------------------------------------------------
+
+
+def test_ci_curves_shade_each_series_band_in_its_colour(
+    tmp_path: Path, saved_figures: dict[str, Figure]
+) -> None:
+    from matplotlib.collections import PolyCollection
+    from matplotlib.colors import to_rgb
+
+    from latentdyn.diagnostics.plots import seed_band_label
+    from latentdyn.pipeline.seeds import plot_ci_curves
+
+    words = seed_band_label(0.95, 3, 10_000).replace("\n", " ")
+    assert "95 % bootstrap CI of the mean" in words and "3 seeds" in words and "10000 resamples" in words
+    with pytest.raises(ValueError, match="n_seeds"):
+        seed_band_label(0.95, 0, 10)
+    series = {
+        "raw": ([1, 2, 4], ([-3.0, -2.0, -1.0], [-3.5, -2.4, -1.2], [-2.5, -1.5, -0.9])),
+        "pca2": ([1, 2, 4], ([-1.0, -0.5, -0.2], [-1.2, -0.6, -0.3], [-0.8, -0.4, -0.1])),
+    }
+    title = f"exp4_linear_readout · run {RUN_ID}"
+    path = plot_ci_curves(
+        series, tmp_path / "dnll.png", title=title, xlabel="k", ylabel="ΔNLL", n_seeds=3, logx_base=2
+    )
+    fig = saved_figures[path.name]
+    assert_titled(fig, "exp4_linear_readout", RUN_ID, None)
+    (ax,) = fig.axes
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 2
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    for band, name in zip(bands, series, strict=True):
+        assert np.allclose(band.get_facecolor()[0][:3], to_rgb(lines[name].get_color()))
+        ys = band.get_paths()[0].vertices[:, 1]
+        assert ys.min() == pytest.approx(min(series[name][1][1])) and ys.max() == pytest.approx(
+            max(series[name][1][2])
+        )
+    texts = " ".join(_legend_texts(fig)).replace("\n", " ")
+    assert words in texts and "raw" in texts and "pca2" in texts
+    assert_legends_clear_of_data(fig)
+    # Nothing finite: no figure.
+    empty = {"raw": ([1], ([None], [None], [None]))}
+    assert plot_ci_curves(empty, tmp_path / "e.png", title=title, xlabel="k", ylabel="y", n_seeds=2) is None

@@ -90,3 +90,23 @@ def test_results_command_does_not_import_torch(outputs: Path) -> None:
         "assert 'torch' not in sys.modules and 'lightning' not in sys.modules, 'heavy import'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_metrics_with_ci_bounds_show_as_mean_and_interval(tmp_path: Path) -> None:
+    out = tmp_path / "outputs"
+    manifest = out / "manifest.jsonl"
+    seeds = {"k1_dnll": -1.5, "k1_dnll_ci_low": -2.0, "k1_dnll_ci_high": -1.25, "n_seeds": 3, "cos": 0.5}
+    _run(manifest, "s1", "exp4_linear_readout", 1, "completed", seeds)
+    _run(manifest, "s0", "exp4_linear_readout", 3, "completed", {"k1_dnll": -1.0, "cos": 0.25})
+    assert main(["--outputs", str(out)]) == 0
+    rows = {r["run_id"]: r for r in _csv_rows(out)}
+    # The CSV keeps separate numeric columns.
+    assert rows["s1"]["k1_dnll"] == "-1.5" and rows["s1"]["k1_dnll_ci_low"] == "-2.0"
+    assert rows["s1"]["k1_dnll_ci_high"] == "-1.25" and rows["s1"]["n_seeds"] == "3"
+    assert rows["s0"]["k1_dnll_ci_low"] == ""
+    # The markdown merges them into one cell; a run without bounds shows its value alone.
+    md = (out / "results_table.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| run_id"))
+    assert "k1_dnll_ci_low" not in header and "| k1_dnll |" in header and "n_seeds" in header
+    assert "| -1.5 [-2, -1.25] |" in md
+    assert "| -1 |" in md

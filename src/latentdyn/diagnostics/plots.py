@@ -77,6 +77,19 @@ def band_label(kind: str, level: float, n_starts: int, n_bootstrap: int | None =
     return f"band: {100.0 * level:.3g} % bootstrap CI of the mean\nover {n_starts} starts ({n_bootstrap} resamples)"
 
 
+def seed_band_label(level: float, n_seeds: int, n_resamples: int) -> str:
+    """A shaded band across seeds in words: the ``level`` percentile bootstrap CI of the mean over ``n_seeds``
+    seeds from ``n_resamples`` resamples (:func:`latentdyn.diagnostics.statistics.bootstrap_ci`)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"band level must lie in (0, 1), got {level}")
+    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
+        raise ValueError(f"n_seeds must be a positive int, got {n_seeds!r}")
+    return (
+        f"band: {100.0 * level:.3g} % bootstrap CI of the mean\nover {n_seeds} seed{'s' if n_seeds != 1 else ''}"
+        f" ({n_resamples} resamples)"
+    )
+
+
 def save_figure(fig: Figure, path: Path, *, dpi: int = 110, caption: str | None = None) -> Path:
     """Write ``fig`` to ``path`` (PNG) cropped to its artists, so legends outside the axes are kept.
 
@@ -109,11 +122,13 @@ def injection_figure(
     band: str,
     frame_rate: float | None = None,
     frames_per_step: int = 1,
+    line_label: str = "line: mean over starts",
 ) -> Figure:
     """The curves of one ``metric``: a line per mode (the mean over starts) and its shaded band.
 
     ``per_step`` holds tidy rows ``{mode, step, metric, mean, lo, hi}`` (steps 1-based); ``title`` (from
-    :func:`figure_title`) gets `` · <metric>``; ``band`` (from :func:`band_label`) is the band's legend entry.
+    :func:`figure_title`) gets `` · <metric>``; ``band`` (from :func:`band_label`) is the band's legend entry,
+    ``line_label`` the legend's title (what a line is: the mean over starts, or over seeds).
     With ``frame_rate`` (frames/s) a top axis gives the time of the predicted frame after the context,
     ``step * frames_per_step / frame_rate`` seconds.
     """
@@ -146,7 +161,7 @@ def injection_figure(
     ax.legend(
         handles=handles,
         fontsize="small",
-        title="line: mean over starts",
+        title=line_label,
         title_fontsize="x-small",
         **LEGEND_OUTSIDE,
     )
@@ -172,6 +187,7 @@ def plot_injection_curves(
     metrics: Sequence[str] = tuple(METRIC_LABELS),
     frame_rate: float | None = None,
     frames_per_step: int = 1,
+    line_label: str = "line: mean over starts",
 ) -> list[Path]:
     """One PNG per metric (``injection_<metric>.png``, see :func:`injection_figure`); returns the written paths.
 
@@ -185,7 +201,13 @@ def plot_injection_curves(
         if not _has_finite([r for r in per_step if r["metric"] == metric]):
             continue
         fig = injection_figure(
-            per_step, metric, title=title, band=band, frame_rate=frame_rate, frames_per_step=frames_per_step
+            per_step,
+            metric,
+            title=title,
+            band=band,
+            frame_rate=frame_rate,
+            frames_per_step=frames_per_step,
+            line_label=line_label,
         )
         paths.append(save_figure(fig, out_dir / f"injection_{metric}.png", caption=band))
     return paths
@@ -228,11 +250,15 @@ def curves_figure(
     reference: tuple[float, str] | None = None,
     groups: Mapping[str, str] | None = None,
     dashed: Sequence[str] = (),
+    bands: Mapping[str, tuple[Sequence[float | None], Sequence[float | None]]] | None = None,
+    band: str | None = None,
 ) -> Figure:
     """One line with markers per named series ``name -> (xs, ys)`` (``None`` or non-finite ys are gaps), legend
     outside the axes. ``logx_base``: a log x axis of that base, ticked at the data's x values; ``reference``
     ``(y, label)``: a dashed grey horizontal line (a threshold, a criterion); ``groups``: series name -> group,
-    series of one group share a colour; ``dashed``: series drawn dashed (e.g. a corrected variant)."""
+    series of one group share a colour; ``dashed``: series drawn dashed (e.g. a corrected variant); ``bands``:
+    series name -> ``(lows, highs)`` at its xs, shaded in the series' colour (a CI across seeds), with ``band``
+    (e.g. :func:`seed_band_label`) as its legend entry."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,6 +281,9 @@ def curves_figure(
             color=colour[group_of[name]],
             linestyle="--" if name in dashed else "-",
         )
+        if bands and name in bands:
+            lows, highs = ([math.nan if v is None else float(v) for v in side] for side in bands[name])
+            ax.fill_between([float(x) for x in xs], lows, highs, color=colour[group_of[name]], alpha=0.2)
     if reference is not None:
         ax.axhline(reference[0], color="0.4", linestyle="--", linewidth=1.0, label=reference[1])
     if logx_base is not None:
@@ -266,6 +295,13 @@ def curves_figure(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    ax.legend(**LEGEND_OUTSIDE, fontsize="small")
+    if bands and band:
+        from matplotlib.patches import Patch
+
+        handles, _ = ax.get_legend_handles_labels()
+        handles.append(Patch(facecolor="0.5", alpha=0.3, label=band))
+        ax.legend(handles=handles, **LEGEND_OUTSIDE, fontsize="small")
+    else:
+        ax.legend(**LEGEND_OUTSIDE, fontsize="small")
     fig.suptitle(title, fontsize="medium")
     return fig

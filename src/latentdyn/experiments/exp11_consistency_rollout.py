@@ -13,6 +13,14 @@ One job runs one σ (``sigma``); ``latentdyn -m experiment=exp11_consistency_rol
 0.1, 0.25, 0.5, 1.0}, and the sweep's aggregate (:func:`summarise_sigma_sweep`) writes ``sigma_sweep.json``
 (every condition, σ and k), ``best_sigmas.json`` (per Tweedie condition, the σ with the lowest final state
 error at k = 4 among runs whose NaN share is below 50 %) and ``sigma_sweep.png``.
+
+Seeds (``seeds``, see :mod:`latentdyn.pipeline.seeds`): the denoiser (its score model's training), the rollout
+segments and the categorical draws follow ``seed``; the direction AR and the MDN are the given checkpoints. With
+several seeds each seed's rollouts go to ``seed<s>/`` (``rollout_metrics.json``, ``per_step.csv``,
+``state_err_vs_k.png``, ``rollout_audio/``); ``summary.csv`` holds one row per condition x k with each metric's
+mean, ``<col>_ci_low`` / ``<col>_ci_high`` (95 % bootstrap CI across seeds) and ``n_seeds``,
+``summary_per_seed.csv`` the per-seed rows, ``sigma_sweep.json`` / ``best_sigmas.json`` the means (what the σ
+sweep's aggregate compares), and ``state_err_vs_k.png`` the means with their CI bands.
 """
 
 from __future__ import annotations
@@ -31,6 +39,17 @@ from latentdyn.diagnostics.plots import curves_figure, figure_title, save_figure
 from latentdyn.jsonio import write_json_atomic
 from latentdyn.pipeline.common import write_csv_rows
 from latentdyn.pipeline.score import build_correction, prepare_score_model, score_training_record
+from latentdyn.pipeline.seeds import (
+    add_key_metric,
+    ci_series,
+    n_seeds_metric,
+    plot_ci_curves,
+    run_seeds,
+    seed_config,
+    seed_label,
+    several,
+    write_summaries,
+)
 from latentdyn.pipeline.stage3 import (
     AUDIO_DIR,
     Condition,
@@ -55,6 +74,8 @@ SWEEP_NAME = "sigma_sweep.json"
 BEST_NAME = "best_sigmas.json"
 SWEEP_PLOT = "sigma_sweep.png"
 PLOT_NAME = "state_err_vs_k.png"
+# The columns that name a summary row (the rest are metrics, averaged over seeds).
+SUMMARY_KEYS = ("condition", "sigma", "k")
 
 
 @dataclass(frozen=True)
@@ -160,11 +181,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from latentdyn.data.latent_store import LatentStore
     from latentdyn.models.direction_ar import load_direction_ar
     from latentdyn.models.dynamics import load_dynamics
-    from latentdyn.models.training import job_logger
     from latentdyn.pipeline.injection import store_root_of_checkpoint
 
     run_dir = Path(cfg.run_dir)
     manifest = Path(cfg.paths.manifest)
+    seeds = run_seeds(cfg)
     k_values = [int(k) for k in cfg.rollout.k_values]
     if int(cfg.best_sigma.target_k) not in k_values:
         raise ValueError(
@@ -196,6 +217,71 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     # The rollout window holds the longest context any model reads; each reads its own last frames.
     window = max(int(net.context) for net in models.values())
+    sigma = float(cfg.correction.sigma)
+    per_seed: list[dict[str, Any]] = []
+    outputs: dict[int, dict[str, Any]] = {}
+    for seed in seeds:
+        s_cfg = seed_config(cfg, seed, run_dir / seed_label(seed, seeds))
+        outputs[seed] = rollout_seed(s_cfg, models, store, window, k_values, dar.net.codebook.numpy(), seeds)
+        per_seed += [{"seed": seed, **row} for row in outputs[seed]["rows"]]
+    summary = write_summaries(per_seed, SUMMARY_KEYS, run_dir)
+    first = outputs[seeds[0]]
+    if several(seeds):
+        # The σ sweep's aggregate compares the means over seeds.
+        entries = [row for row in summary if not str(row["condition"]).startswith("audio_")]
+        plot_ci_state_err(cfg, entries, list(first["results"]), seeds, sigma)
+    else:
+        entries = first["entries"]
+    best = best_sigmas(entries, int(cfg.best_sigma.target_k), float(cfg.best_sigma.max_nan_share))
+    write_json(run_dir / SWEEP_NAME, entries)
+    write_json(run_dir / BEST_NAME, best)
+
+    by_key = {(row["condition"], int(row["k"])): row for row in entries}
+    key: dict[str, float] = {}
+    for name in first["results"]:
+        for k in (int(cfg.best_sigma.target_k), max(k_values)):
+            row = by_key[(name, k)]
+            add_key_metric(key, f"{name}/state_err_k{k}", row, "final_state_err", seeds)
+            add_key_metric(key, f"{name}/nan_share_k{k}", row, "nan_share", seeds, ci=False)
+    n_seeds_metric(key, seeds)
+    if several(seeds):
+        score_model = {f"seed{s}": outputs[s]["score_model"] for s in seeds}
+        audio = {f"seed{s}": outputs[s]["audio"] for s in seeds}
+    else:
+        score_model, audio = first["score_model"], first["audio"]
+    write_json(
+        run_dir / METRICS_NAME,
+        {
+            "key_metrics": key,
+            "sigma": sigma,
+            "seeds": seeds,
+            "checkpoints": checkpoints,
+            "latent_store": str(store.root),
+            "score_model": score_model,
+            "best_sigmas": best,
+            "audio": audio,
+        },
+    )
+    return key
+
+
+def rollout_seed(
+    cfg: DictConfig,
+    models: Mapping[str, Any],
+    store: Any,
+    window: int,
+    k_values: list[int],
+    codebook: Any,
+    seeds: Sequence[int],
+) -> dict[str, Any]:
+    """One seed's rollouts (``cfg.seed``) into ``cfg.run_dir``: the denoiser, the conditions, the segments;
+    ``rollout_metrics.json``, ``per_step.csv``, ``state_err_vs_k.png`` and ``rollout_audio/``. Returns its
+    ``results``, sweep ``entries``, summary ``rows`` (entries, then audio rows), ``score_model`` and ``audio``
+    records."""
+    from latentdyn.models.training import job_logger
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     with job_logger(cfg) as logger:
         score, score_dir = load_score(cfg, store, RawFrames(window), logger)
     correction = build_correction(cfg, score)
@@ -203,25 +289,24 @@ def run(cfg: DictConfig) -> dict[str, float]:
     conditions = build_conditions(cfg, models, store, correction)
     segments = rollout_segments(cfg, store, window)
     log.info(
-        "%d conditions x %d segments x %d steps, σ=%g",
+        "seed %d: %d conditions x %d segments x %d steps, σ=%g",
+        int(cfg.seed),
         len(conditions),
         len(segments.starts),
         max(k_values),
         sigma,
     )
-    results = evaluate_conditions(conditions, segments, k_values, dar.net.codebook.numpy())
+    results = evaluate_conditions(conditions, segments, k_values, codebook)
 
     entries = sweep_entries(results, sigma)
-    best = best_sigmas(entries, int(cfg.best_sigma.target_k), float(cfg.best_sigma.max_nan_share))
     write_json(
         run_dir / "rollout_metrics.json",
-        {"sigma": sigma, "n_segments": len(segments.starts), "conditions": results},
+        {"sigma": sigma, "seed": int(cfg.seed), "n_segments": len(segments.starts), "conditions": results},
     )
-    write_json(run_dir / SWEEP_NAME, entries)
-    write_json(run_dir / BEST_NAME, best)
     write_csv_rows(per_step_csv_rows(results, "condition"), run_dir / "per_step.csv")
-    rows = list(entries)  # summary.csv: one row per condition and k (then the audio rows)
-    plot_state_err(cfg, results, run_dir / PLOT_NAME, extra=f"Tweedie σ={sigma:g}", suffix=TWEEDIE_SUFFIX)
+    rows = list(entries)  # summary rows: one per condition and k (then the audio rows)
+    extra = f"Tweedie σ={sigma:g}" + (f" · seed {int(cfg.seed)}" if several(seeds) else "")
+    plot_state_err(cfg, results, run_dir / PLOT_NAME, extra=extra, suffix=TWEEDIE_SUFFIX)
 
     audio_means: dict[str, Any] = {}
     if not cfg.skip_audio and int(cfg.n_utterances) > 0:
@@ -231,29 +316,36 @@ def run(cfg: DictConfig) -> dict[str, float]:
             {"condition": f"audio_{name}", "sigma": sigma if f"{TWEEDIE_SUFFIX}_k" in name else None, **d}
             for name, d in audio_means.items()
         ]
-    write_csv_rows(rows, run_dir / "summary.csv")
+    return {
+        "results": results,
+        "entries": entries,
+        "rows": rows,
+        "score_model": {"artifact": str(score_dir), "training": score_training_record(score_dir)},
+        "audio": audio_means,
+    }
 
-    key: dict[str, float] = {}
-    for name, result in results.items():
-        for k in (int(cfg.best_sigma.target_k), max(k_values)):
-            h = result["horizons"][k]
-            if _finite(h["final_state_err"]):
-                key[f"{name}/state_err_k{k}"] = float(h["final_state_err"])
-            key[f"{name}/nan_share_k{k}"] = float(h["nan_share"])
-    training = score_training_record(score_dir)
-    write_json(
-        run_dir / METRICS_NAME,
-        {
-            "key_metrics": key,
-            "sigma": sigma,
-            "checkpoints": checkpoints,
-            "latent_store": str(store.root),
-            "score_model": {"artifact": str(score_dir), "training": training},
-            "best_sigmas": best,
-            "audio": audio_means,
-        },
+
+def plot_ci_state_err(
+    cfg: DictConfig, entries: list[dict[str, Any]], conditions: list[str], seeds: Sequence[int], sigma: float
+) -> None:
+    """``state_err_vs_k.png`` of the run: each condition's final state error vs k, the mean over seeds with its
+    CI band (conditions named ``<base>_tweedie`` share their base's colour, dashed)."""
+    series = {}
+    for name in conditions:
+        rows = sorted((e for e in entries if e["condition"] == name), key=lambda e: int(e["k"]))
+        series[name] = ([int(e["k"]) for e in rows], ci_series(rows, "final_state_err"))
+    plot_ci_curves(
+        series,
+        Path(cfg.run_dir) / PLOT_NAME,
+        title=figure_title(cfg.name, cfg.run_id, extra=f"Tweedie σ={sigma:g} · {len(seeds)} seeds"),
+        xlabel="rollout steps k",
+        ylabel="state error after k steps ‖x̂ − x‖ (raw latent units)",
+        n_seeds=len(seeds),
+        logx_base=2,
+        logy=True,
+        groups={name: name.removesuffix(TWEEDIE_SUFFIX) for name in series},
+        dashed=[name for name in series if name.endswith(TWEEDIE_SUFFIX)],
     )
-    return key
 
 
 def summarise_sigma_sweep(sweep_dir: Path, jobs: Sequence[Any], spec: Mapping[str, Any]) -> list[Path]:

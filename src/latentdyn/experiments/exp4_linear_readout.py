@@ -33,6 +33,13 @@ per horizon ``k{k}_{nll,dnll,cos,logmag_r2,mag_ratio,mse}`` of the model on the 
 state_err_raw,state_err_raw_at_K}``), ``tables.csv`` (all battery rows), ``injection_diag.json`` (variant ->
 injection diagnostic), ``explained_variance.csv`` / ``.png``, per-variant ``<variant>/`` (checkpoints,
 ``injection/`` curves) and ``metrics.json``.
+
+Seeds (``seeds``, see :mod:`latentdyn.pipeline.seeds`): every variant is trained and diagnosed once per seed,
+from the same stores and PCA fit. With several seeds the per-variant outputs go to ``seed<s>/<variant>/``,
+``summary.csv`` holds each metric's mean with ``<col>_ci_low`` / ``<col>_ci_high`` (95 % bootstrap CI across
+seeds) and ``n_seeds``, ``summary_per_seed.csv`` and ``tables.csv`` a row per seed (``seed``),
+``injection_diag.json`` maps variant -> ``seed<s>`` -> diagnostic, and ``dnll_vs_horizon.png`` and
+``injection_ci/<variant>/`` plot the means with their CI bands.
 """
 
 from __future__ import annotations
@@ -52,6 +59,18 @@ from latentdyn.diagnostics.plots import explained_variance_figure, figure_title,
 from latentdyn.jsonio import write_csv_atomic
 from latentdyn.pipeline.common import plain, write_csv_rows
 from latentdyn.pipeline.injection import injection_diagnostic
+from latentdyn.pipeline.seeds import (
+    add_key_metric,
+    horizon_ci_series,
+    n_seeds_metric,
+    plot_ci_curves,
+    run_seeds,
+    seed_config,
+    seed_label,
+    several,
+    write_injection_bands,
+    write_summaries,
+)
 from latentdyn.pipeline.store import prepare_latent_store
 from latentdyn.pipeline.train import model_battery, train_horizon
 from latentdyn.representations.pca import (
@@ -86,6 +105,8 @@ INJECTION_COLUMNS = (
 RAW_SCALE_COLUMNS = ("state_err_raw", "state_err_raw_at_K")
 # Per-variant entries that go to the results table (metrics.json and summary.csv have them all).
 KEY_COLUMNS = ("k1_dnll", "D_rollout_dnll", "D_rollout_state_err_raw_at_K")
+# The columns that name a variant in summary.csv (the rest are metrics, averaged over seeds).
+SUMMARY_KEYS = ("variant", "representation", "dim")
 
 
 def store_identity(store: LatentStore) -> dict[str, Any]:
@@ -244,9 +265,10 @@ def injection_columns(result: Any, isometric: bool) -> dict[str, float]:
 
 
 def evaluate_variant(
-    cfg: DictConfig, name: str, store: LatentStore, logger: Any
+    cfg: DictConfig, name: str, store: LatentStore, logger: Any, note: str = ""
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """Phase 1 (per horizon) and the injection diagnostic (k = 1 model) of one variant.
+    """Phase 1 (per horizon) and the injection diagnostic (k = 1 model) of one variant (outputs under
+    ``<cfg.run_dir>/<name>``; ``note`` is added to plot titles, e.g. the seed).
 
     Returns its summary row, its battery rows and its injection diagnostic (``to_dict`` plus dim, rate and
     whether ``state_err_raw`` is in raw latent units).
@@ -263,7 +285,7 @@ def evaluate_variant(
         row.update(horizon_columns(k, rows, str(cfg.datamodule.slice)))
     one_frame = models[1] if 1 in models else train_horizon(var_cfg, store, 1, logger)[0]
     result = injection_diagnostic(one_frame.net, store, var_cfg.diagnostic)
-    extra = f"injection · {name} ({store.dim} dims)"
+    extra = f"injection · {name} ({store.dim} dims){note}"
     title = figure_title(cfg.name, cfg.run_id, horizon=int(one_frame.horizon), extra=extra)
     result.write(Path(var_cfg.run_dir) / "injection", frame_rate=store.frame_rate, title=title)
     isometric = raw_scale_is_isometric(store)
@@ -283,6 +305,41 @@ def evaluate_variant(
     return row, battery_rows, diag
 
 
+def write_seed_plots(
+    cfg: DictConfig,
+    summary: list[dict[str, Any]],
+    variants: list[tuple[str, LatentStore, float, float]],
+    seeds,
+) -> None:
+    """With several seeds: ``dnll_vs_horizon.png`` (each variant's model ΔNLL per horizon, mean and CI band
+    across seeds) and ``injection_ci/<variant>/`` (the injection curves' mean and CI band across seeds)."""
+    run_dir = Path(cfg.run_dir)
+    horizons = [int(h) for h in cfg.horizons]
+    series = horizon_ci_series(summary, horizons)
+    plot_ci_curves(
+        series,
+        run_dir / "dnll_vs_horizon.png",
+        title=figure_title(cfg.name, cfg.run_id, extra=f"model ΔNLL on slice {cfg.datamodule.slice}"),
+        xlabel="horizon k (context lag, frames)",
+        ylabel="ΔNLL vs baseline (nats/frame)",
+        n_seeds=len(seeds),
+        logx_base=2,
+    )
+    for name, store, _, _ in variants:
+        write_injection_bands(
+            run_dir,
+            name,
+            {seed: run_dir / seed_label(seed, seeds, name) / "injection" for seed in seeds},
+            title=figure_title(
+                cfg.name,
+                cfg.run_id,
+                horizon=1,
+                extra=f"injection · {name} ({store.dim} dims) · {len(seeds)} seeds",
+            ),
+            frame_rate=store.frame_rate,
+        )
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Fit the PCA, derive the projected stores, run Phase 1 and the injection diagnostic on each variant."""
     from latentdyn.models.training import job_logger
@@ -291,6 +348,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     run_dir.mkdir(parents=True, exist_ok=True)
     dims = pca_dims(cfg)
     space = pca_space(cfg)
+    seeds = run_seeds(cfg)
     if str(cfg.datamodule.slice) not in [str(s) for s in cfg.battery.slices]:
         raise ValueError(
             f"the training slice {cfg.datamodule.slice!r} must be one of battery.slices "
@@ -305,29 +363,44 @@ def run(cfg: DictConfig) -> dict[str, float]:
     for k in dims:
         store = prepare_projected_store(cfg, base, k)
         variants.append((f"pca{k}", store, fit.explained_fraction(k), reconstruction_mse(store, "test")))
-    summary: list[dict[str, Any]] = []
+    per_seed: list[dict[str, Any]] = []
     battery: list[dict[str, Any]] = []
     diagnostics: dict[str, Any] = {}
     with job_logger(cfg) as logger:
-        for name, store, fraction, recon in variants:
-            log.info("variant %s: %s (%d dims)", name, store.root, store.dim)
-            row, rows, diagnostics[name] = evaluate_variant(cfg, name, store, logger)
-            summary.append({**row, "explained_variance_fraction": fraction, "recon_mse_test": recon})
-            battery += rows
-    write_csv_rows(summary, run_dir / "summary.csv")
+        # Seed-independent inputs (the stores, the PCA fit) are shared; each seed trains its own models.
+        for seed in seeds:
+            s_cfg = seed_config(cfg, seed, run_dir / seed_label(seed, seeds))
+            note = f" · seed {seed}" if several(seeds) else ""
+            for name, store, fraction, recon in variants:
+                log.info("variant %s, seed %d: %s (%d dims)", name, seed, store.root, store.dim)
+                row, rows, diag = evaluate_variant(s_cfg, name, store, logger, note)
+                per_seed.append(
+                    {"seed": seed, **row, "explained_variance_fraction": fraction, "recon_mse_test": recon}
+                )
+                battery += [{"seed": seed, **r} for r in rows]
+                if several(seeds):
+                    diagnostics.setdefault(name, {})[f"seed{seed}"] = diag
+                else:
+                    diagnostics[name] = diag
+    summary = write_summaries(per_seed, SUMMARY_KEYS, run_dir)
     write_csv_rows(battery, run_dir / "tables.csv")
     write_json(run_dir / "injection_diag.json", diagnostics)
-    key = {
-        f"{row['variant']}/{column}": float(row[column])
-        for row in summary
-        for column in (*KEY_COLUMNS, "explained_variance_fraction")
-        if column in row and math.isfinite(float(row[column]))
-    }
+    if several(seeds):
+        write_seed_plots(cfg, summary, variants, seeds)
+    key: dict[str, float] = {}
+    for row in summary:
+        for column in KEY_COLUMNS:
+            add_key_metric(key, f"{row['variant']}/{column}", row, column, seeds)
+        fraction = float(row["explained_variance_fraction"])
+        if math.isfinite(fraction):
+            key[f"{row['variant']}/explained_variance_fraction"] = fraction
+    n_seeds_metric(key, seeds)
     details = {
         "latent_store": str(base.root),
         "pca_fit": str(fit_path),
         "pca_space": space,
         "projected_stores": {name: str(store.root) for name, store, _, _ in variants[1:]},
+        "seeds": seeds,
         "summary": summary,
         "config": plain(cfg.pca),
     }

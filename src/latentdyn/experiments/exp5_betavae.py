@@ -17,23 +17,41 @@ Each variant runs as a tracked sub-run (``<run_dir>/<variant>/``: ``checkpoints/
 ``phase1/`` with ``metrics.json``, ``tables.csv``, ``injection_diag.json`` and plots, ``recon_metrics.json``,
 ``samples/``); the run writes ``summary.csv`` (one row per variant) and ``metrics.json``. With
 ``resume=true`` completed variants are skipped and their metrics carried over.
+
+Seeds (``seeds``, see :mod:`latentdyn.pipeline.seeds`): each variant's β-VAE (and so its latents and Phase 1) is
+trained once per seed. With several seeds each is the sub-run ``<run_dir>/seed<s>/<variant>/`` (run id
+``<run_id>/seed<s>/<variant>``, so ``latest:exp5_betavae/<variant>`` names the newest completed seed's and
+``latest:exp5_betavae/seed<s>/<variant>`` a given one); ``summary.csv`` holds each metric's mean with
+``<col>_ci_low`` / ``<col>_ci_high`` (95 % bootstrap CI across seeds) and ``n_seeds``, ``summary_per_seed.csv``
+the per-seed rows, and ``dnll_vs_horizon.png`` and ``injection_ci/<variant>/`` plot the means with their CI
+bands. ``resume=true`` skips each completed (variant, seed).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from latentdyn.diagnostics.plots import figure_title
 from latentdyn.pipeline.betavae import COMPARISONS, betavae_reconstructor, betavae_store, train_betavae
-from latentdyn.pipeline.common import write_csv_rows
 from latentdyn.pipeline.composite import completed_runs, run_sub_experiment
 from latentdyn.pipeline.phase1 import phase1_summary_columns, phase1_table_metrics, run_phase1
 from latentdyn.pipeline.reconstruction import recon_key_metrics, recon_summary_columns, reconstruction_metrics
+from latentdyn.pipeline.seeds import (
+    add_key_metric,
+    horizon_ci_series,
+    n_seeds_metric,
+    plot_ci_curves,
+    run_seeds,
+    seed_label,
+    several,
+    write_injection_bands,
+    write_summaries,
+)
 from latentdyn.tracking.run import METRICS_NAME, write_json
 
 log = logging.getLogger(__name__)
@@ -42,6 +60,8 @@ RECON_NAME = "recon_metrics.json"
 #: Per-variant entries that go to the results table of the parent run (the reference's two).
 KEY_COLUMNS = ("best_dnll", "recon_mel_l1")
 RECON_TABLE_KEYS = ("mel_l1", "mrstft", "si_sdr", "stoi", "pesq_wb")
+# The columns that name a variant in summary.csv (the rest are metrics, averaged over seeds).
+SUMMARY_KEYS = ("variant", "beta", "lambda_smooth", "lambda_pred", "latent_dim")
 
 
 def variant_names(cfg: DictConfig) -> list[str]:
@@ -92,10 +112,16 @@ def table_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return phase1_table_metrics(metrics, keep)
 
 
-def variant_metrics(cfg: DictConfig, name: str) -> dict[str, float]:
-    """Every key metric of a completed variant sub-run (its ``metrics.json``), for the summary."""
-    path = Path(cfg.run_dir) / name / METRICS_NAME
+def variant_metrics(cfg: DictConfig, label: str) -> dict[str, float]:
+    """Every key metric of a completed variant sub-run ``label`` (``<variant>`` or ``seed<s>/<variant>``: its
+    ``metrics.json``), for the summary."""
+    path = Path(cfg.run_dir) / label / METRICS_NAME
     return dict(json.loads(path.read_text())["key_metrics"])
+
+
+def variant_metrics_record(cfg: DictConfig, label: str) -> dict[str, Any]:
+    """The whole ``metrics.json`` of a variant sub-run ``label`` (its checkpoint, latent store, ...)."""
+    return dict(json.loads((Path(cfg.run_dir) / label / METRICS_NAME).read_text()))
 
 
 def summary_row(cfg: DictConfig, name: str, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -120,42 +146,85 @@ def run(cfg: DictConfig) -> dict[str, float]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     names = variant_names(cfg)
+    seeds = run_seeds(cfg)
     done = completed_runs(Path(cfg.paths.manifest)) if cfg.resume else {}
-    rows: list[dict[str, Any]] = []
-    for name in names:
-        params = cfg.variants[name]
-        if f"{cfg.run_id}/{name}" in done:
-            log.info("resume: variant %s already completed, skipped (its outputs kept)", name)
-        else:
-            log.info(
-                "variant %s: beta=%g lambda_smooth=%g lambda_pred=%g",
-                name,
-                params.beta,
-                params.lambda_smooth,
-                params.lambda_pred,
-            )
-            run_sub_experiment(
-                cfg,
-                str(cfg.name),
-                run_variant,
-                tier=str(cfg.tier),
-                label=name,
-                **{
-                    "vae.variant": name,
-                    "vae.beta": float(params.beta),
-                    "vae.lambda_smooth": float(params.lambda_smooth),
-                    "vae.lambda_pred": float(params.lambda_pred),
-                    "variant": name,
-                },
-            )
-        rows.append(summary_row(cfg, name, variant_metrics(cfg, name)))
-    write_csv_rows(rows, run_dir / "summary.csv")
-    key = {
-        f"{row['variant']}/{column}": float(row[column])
-        for row in rows
-        for column in KEY_COLUMNS
-        if column in row and math.isfinite(float(row[column]))
-    }
-    write_json(run_dir / METRICS_NAME, {"key_metrics": key, "summary": rows, "variants": names})
+    per_seed: list[dict[str, Any]] = []
+    for seed in seeds:
+        for name in names:
+            params = cfg.variants[name]
+            label = seed_label(seed, seeds, name)
+            if f"{cfg.run_id}/{label}" in done:
+                log.info(
+                    "resume: variant %s (seed %d) already completed, skipped (its outputs kept)", name, seed
+                )
+            else:
+                log.info(
+                    "variant %s, seed %d: beta=%g lambda_smooth=%g lambda_pred=%g",
+                    name,
+                    seed,
+                    params.beta,
+                    params.lambda_smooth,
+                    params.lambda_pred,
+                )
+                run_sub_experiment(
+                    cfg,
+                    str(cfg.name),
+                    run_variant,
+                    tier=str(cfg.tier),
+                    label=label,
+                    **{
+                        "vae.variant": name,
+                        "vae.beta": float(params.beta),
+                        "vae.lambda_smooth": float(params.lambda_smooth),
+                        "vae.lambda_pred": float(params.lambda_pred),
+                        "variant": name,
+                        "seed": int(seed),
+                        "seeds": None,
+                    },
+                )
+            per_seed.append({"seed": seed, **summary_row(cfg, name, variant_metrics(cfg, label))})
+    rows = write_summaries(per_seed, SUMMARY_KEYS, run_dir)
+    if several(seeds):
+        write_seed_plots(cfg, rows, names, seeds)
+    key: dict[str, float] = {}
+    for row in rows:
+        for column in KEY_COLUMNS:
+            add_key_metric(key, f"{row['variant']}/{column}", row, column, seeds)
+    n_seeds_metric(key, seeds)
+    write_json(
+        run_dir / METRICS_NAME,
+        {"key_metrics": key, "summary": rows, "variants": names, "seeds": seeds},
+    )
     log.info("summary: %s", run_dir / "summary.csv")
     return key
+
+
+def write_seed_plots(cfg: DictConfig, rows: list[dict[str, Any]], names: list[str], seeds: list[int]) -> None:
+    """With several seeds: ``dnll_vs_horizon.png`` (each variant's Phase 1 ΔNLL per horizon, mean and CI band
+    across seeds) and ``injection_ci/<variant>/`` (the injection curves' mean and CI band across seeds)."""
+    run_dir = Path(cfg.run_dir)
+    horizons = [int(h) for h in cfg.horizons]
+    series = horizon_ci_series(rows, horizons)
+    plot_ci_curves(
+        series,
+        run_dir / "dnll_vs_horizon.png",
+        title=figure_title(cfg.name, cfg.run_id, extra=f"Phase 1 ΔNLL on slice {cfg.datamodule.slice}"),
+        xlabel="horizon k (context lag, frames)",
+        ylabel="ΔNLL vs baseline (nats/frame)",
+        n_seeds=len(seeds),
+        logx_base=2,
+    )
+    for name in names:
+        phase1 = {seed: run_dir / seed_label(seed, seeds, name) / "phase1" for seed in seeds}
+        store = variant_metrics_record(cfg, seed_label(seeds[0], seeds, name)).get("latent_store")
+        meta = Path(store) / "meta.json" if store else None
+        frame_rate = json.loads(meta.read_text()).get("frame_rate") if meta and meta.is_file() else None
+        write_injection_bands(
+            run_dir,
+            name,
+            phase1,
+            title=figure_title(
+                cfg.name, cfg.run_id, horizon=1, extra=f"injection · {name} · {len(seeds)} seeds"
+            ),
+            frame_rate=frame_rate,
+        )

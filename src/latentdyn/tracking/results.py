@@ -2,6 +2,8 @@
 
 Writes ``outputs/results_table.csv`` (one row per completed run, key metrics as columns) and
 ``outputs/results_table.md`` (one table per experiment), and lists failed and crashed runs separately.
+A metric ``m`` recorded with ``m_ci_low`` and ``m_ci_high`` (a mean over seeds with its 95 % bootstrap CI) is
+one cell ``mean [low, high]`` in the markdown table; the CSV keeps the three numeric columns.
 Imports nothing heavy: it must answer in well under a second.
 """
 
@@ -22,6 +24,8 @@ from typing import Any
 from latentdyn.jsonio import write_text_atomic
 from latentdyn.tracking.manifest import MANIFEST_NAME, iter_records
 
+CI_LOW = "_ci_low"
+CI_HIGH = "_ci_high"
 CSV_NAME = "results_table.csv"
 MD_NAME = "results_table.md"
 _BASE_COLUMNS = (
@@ -183,6 +187,28 @@ def render_csv(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def merge_ci_columns(
+    columns: Sequence[str], rows: Sequence[dict[str, Any]]
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Columns and rows for display: each metric ``m`` with ``m_ci_low`` and ``m_ci_high`` columns becomes one
+    column whose cells read ``mean [low, high]`` (just the mean where a run has no bounds); the bound columns
+    are dropped."""
+    present = set(columns)
+    with_ci = [c for c in columns if c + CI_LOW in present and c + CI_HIGH in present]
+    if not with_ci:
+        return list(columns), list(rows)
+    bounds = {c + suffix for c in with_ci for suffix in (CI_LOW, CI_HIGH)}
+    out_rows = []
+    for row in rows:
+        new = dict(row)
+        for c in with_ci:
+            low, high = row.get(c + CI_LOW), row.get(c + CI_HIGH)
+            if row.get(c) is not None and low is not None and high is not None:
+                new[c] = f"{_fmt(row[c])} [{_fmt(low)}, {_fmt(high)}]"
+        out_rows.append(new)
+    return [c for c in columns if c not in bounds], out_rows
+
+
 def _md_table(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
     for row in rows:
@@ -199,6 +225,7 @@ def render_markdown(selected: Sequence[RunSummary], all_runs: Sequence[RunSummar
         runs = [r for r in selected if r.experiment == experiment]
         columns, rows = table_rows(runs)
         columns = [c for c in columns if c not in ("experiment", "tier", "run_dir")]
+        columns, rows = merge_ci_columns(columns, rows)
         out += [f"## {experiment}", "", _md_table(columns, rows), ""]
     failed = [r for r in all_runs if r.status == "failed"]
     if failed:
