@@ -159,6 +159,12 @@ def test_latest_experiment_slash_variant_finds_the_newest_completed_sub_run(tmp_
     assert latest_run_dir(manifest, "exp3_rep_compare/mimi") == tmp_path / "r2" / "mimi"
     with pytest.raises(FileNotFoundError, match="sub-run 'encodec'"):
         latest_run_dir(manifest, "exp3_rep_compare/encodec")
+    # A run over several seeds: the first seed's folder, or the one named.
+    for seed in (10, 2):
+        (tmp_path / "r3" / f"seed{seed}" / "mimi").mkdir(parents=True)
+    _manifest_run(manifest, "r3", "exp3_rep_compare", tmp_path / "r3", "2026-12-01T03:00:00+00:00")
+    assert latest_run_dir(manifest, "exp3_rep_compare/mimi") == tmp_path / "r3" / "seed2" / "mimi"
+    assert latest_run_dir(manifest, "exp3_rep_compare/seed10/mimi") == tmp_path / "r3" / "seed10" / "mimi"
 
 
 def test_a_run_reference_is_resolved_to_the_file_and_the_store_is_keyed_on_its_contents(

@@ -8,7 +8,7 @@ codecs, PCA fits) are built once and shared. Layout:
 - one seed (``seeds: null`` or a one-element list): as before, ``<run_dir>/<variant>/``;
 - several: ``<run_dir>/seed<s>/<variant>/`` (Exp 11: ``<run_dir>/seed<s>/``), so a sub-run reference such as
   ``latest:exp5_betavae/<variant>`` still names a variant (the newest completed seed's), and
-  ``latest:exp3_rep_compare/seed0/mimi`` one seed's folder.
+  ``latest:exp3_rep_compare/mimi`` the first seed's folder (``latest:exp3_rep_compare/seed1/mimi`` another's).
 
 Either way the run writes ``summary_per_seed.csv`` (the per-seed rows with a ``seed`` column) and ``summary.csv``
 (one row per variant: each numeric column's mean under its own name, ``<col>_ci_low`` / ``<col>_ci_high`` the

@@ -14,15 +14,16 @@ def latest_run_dir(manifest: Path, experiment: str, key: str = "checkpoint") -> 
 
     ``EXPERIMENT/NAME`` names a sub-run: the newest completed run of ``EXPERIMENT`` whose run id ends in
     ``/NAME`` (an Exp 5 variant, ``exp5_betavae/betavae_smooth``); when ``EXPERIMENT`` has no such sub-runs, the
-    folder ``NAME`` of its newest completed run (an Exp 3 representation, ``exp3_rep_compare/mimi``). ``key`` is
+    folder ``NAME`` of its newest completed run (an Exp 3 representation, ``exp3_rep_compare/mimi``; of a run
+    over several seeds, the first seed's: :func:`sub_folder`). ``key`` is
     the config key the reference came from, for the message when there is no such run.
     """
     name, _, sub = experiment.partition("/")
     all_runs = select_runs(summarize_runs(iter_records(manifest)), name, latest=False)
     runs = [r for r in all_runs if r.run_id.endswith(f"/{sub}")] if sub else all_runs
     if sub and not runs and all_runs:
-        folder = Path(max(all_runs, key=lambda r: r.end_time or "").run_dir) / sub
-        if folder.is_dir():
+        folder = sub_folder(Path(max(all_runs, key=lambda r: r.end_time or "").run_dir), sub)
+        if folder is not None:
             return folder
     if not runs:
         what = f"{name} run with a sub-run {sub!r}" if sub else f"{name} run"
@@ -30,6 +31,15 @@ def latest_run_dir(manifest: Path, experiment: str, key: str = "checkpoint") -> 
             f"no completed {what} in {manifest}; run `latentdyn experiment={name}` first or pass {key}=PATH"
         )
     return Path(max(runs, key=lambda r: r.end_time or "").run_dir)
+
+
+def sub_folder(run_dir: Path, name: str) -> Path | None:
+    """``run_dir/name``, or for a run over several seeds the first seed's (``run_dir/seed<s>/name``, lowest
+    ``s``); None when neither exists."""
+    if (run_dir / name).is_dir():
+        return run_dir / name
+    seeded = [p for p in run_dir.glob(f"seed*/{name}") if p.is_dir() and p.parent.name[4:].isdigit()]
+    return min(seeded, key=lambda p: int(p.parent.name[4:])) if seeded else None
 
 
 def resolve_checkpoint(
