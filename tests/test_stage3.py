@@ -104,6 +104,27 @@ def test_smoke_chain_exp5_exp8_exp10_exp11(tmp_path: Path) -> None:
         assert record["best_sigma"] == min(at_k4, key=at_k4.get)
     assert (e11 / "sigma_sweep.png").is_file() and (e11 / "summary.csv").is_file()
 
+    # The default protocol runs Exp 11 over several seeds: per-seed outputs, means with CIs.
+    run_cli(
+        ["experiment=exp11_consistency_rollout", "sigma=0.1", "seeds=[0,1]", "run_id=s11", *SMOKE], tmp_path
+    )
+    s11 = tmp_path / "outputs" / "tier3" / "exp11_consistency_rollout" / "s11"
+    per_seed = list(csv.DictReader((s11 / "summary_per_seed.csv").open()))
+    summary = list(csv.DictReader((s11 / "summary.csv").open()))
+    assert {r["seed"] for r in per_seed} == {"0", "1"} and len(per_seed) == 2 * len(summary)
+    assert {r["n_seeds"] for r in summary} == {"2"}
+    for row in summary:
+        if row["final_state_err"] not in ("", "nan"):
+            low, mean, high = (
+                float(row[c])
+                for c in ("final_state_err_ci_low", "final_state_err", "final_state_err_ci_high")
+            )
+            assert low <= mean <= high
+    assert (s11 / "seed0" / "rollout_metrics.json").is_file() and (
+        s11 / "seed1" / "rollout_metrics.json"
+    ).is_file()
+    assert (s11 / "state_err_vs_k.png").is_file()
+
 
 def test_models_on_different_stores_are_refused_without_building_either_store(tmp_path: Path) -> None:
     from omegaconf import OmegaConf
