@@ -82,7 +82,10 @@ def run_other_rank(cfg: DictConfig) -> dict[str, Any]:
     scratch = rank_scratch_dir(Path(cfg.run_dir), rank)
     with open_dict(cfg):
         cfg.run_dir = str(scratch)
-    logging.getLogger().setLevel(logging.WARNING)
+    root = logging.getLogger()
+    root.setLevel(logging.WARNING)
+    for handler in root.handlers:  # records propagated from loggers with their own level (lightning's)
+        handler.setLevel(logging.WARNING)
     metrics = run_pipeline(cfg)
     shutil.rmtree(scratch, ignore_errors=True)
     return metrics
