@@ -38,6 +38,37 @@ def test_lower_layers_never_import_experiments_or_pipeline() -> None:
             assert not bad, f"{layer}/{path.name} imports {bad}"
 
 
+#: Top-level modules every layer may import: they import no latentdyn subpackage (``statistics``: numpy only).
+TOP_LEVEL_HELPERS = ("latentdyn.config", "latentdyn.errors", "latentdyn.jsonio", "latentdyn.statistics")
+
+
+def _latentdyn_imports(path: Path) -> set[str]:
+    return {m for m in _imported_modules(path) if m == "latentdyn" or m.startswith("latentdyn.")}
+
+
+def _under(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def test_tracking_imports_only_itself_and_the_top_level_helpers() -> None:
+    """``tracking`` (run records, results tables, sweep summaries) sits below the science packages: no
+    diagnostics, models, pipeline, data or representations (the sweep summary's statistics are top level)."""
+    allowed = ("latentdyn.tracking", *TOP_LEVEL_HELPERS)
+    offenders = {
+        path.name: sorted(m for m in _latentdyn_imports(path) if not _under(m, allowed))
+        for path in sorted((PACKAGE / "tracking").glob("*.py"))
+    }
+    assert {name: mods for name, mods in offenders.items() if mods} == {}
+
+
+def test_the_top_level_helpers_import_no_latentdyn_package() -> None:
+    for module in TOP_LEVEL_HELPERS:
+        path = PACKAGE / f"{module.removeprefix('latentdyn.')}.py"
+        bad = sorted(m for m in _latentdyn_imports(path) if not _under(m, TOP_LEVEL_HELPERS))
+        assert not bad, f"{path.name} imports {bad}"
+    assert not (PACKAGE / "diagnostics" / "statistics.py").exists(), "moved to latentdyn/statistics.py"
+
+
 # Modules that write only inside an artifact's temporary build directory (made visible whole by the
 # artifact's rename, latentdyn.artifacts) or into a `.tmp` name they rename themselves.
 WRITES_INSIDE_AN_ARTIFACT_BUILD = {

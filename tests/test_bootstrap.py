@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from latentdyn.diagnostics.statistics import aggregate_seeds, bootstrap_ci, mean_and_ci
+from latentdyn.statistics import aggregate_seeds, bootstrap_ci, mean_and_ci
 
 
 def _scipy_ci(x: np.ndarray, confidence: float, seed: int) -> tuple[float, float]:

@@ -147,3 +147,43 @@ def test_correction_none_reproduces_the_uncorrected_rollout_bit_for_bit(tmp_path
     assert json.loads((run_dir / "metrics.json").read_text())["score_model"] is None
     assert _artifacts(tmp_path, "score") == []
     assert metrics["corrected_vs_rollout/dnll"] == 0.0
+
+
+@pytest.mark.slow
+def test_a_sweep_over_seeds_summarises_each_setting_with_its_mean_and_ci(tmp_path: Path) -> None:
+    # 2 σ × 2 seeds = 4 jobs (~25 s): summary.csv has one row per σ, the jobs are in summary_per_seed.csv.
+    point = ["correction.n_steps=3", "correction.step_size=0.1"]
+    proc = run_cli(["-m", *SMOKE, *point, "correction.sigma=0.1,0.25", "seed=0,1", "run_id=s"], tmp_path)
+    sweep = _sweep_dir(tmp_path, "s")
+    per_job = list(csv.DictReader((sweep / "summary_per_seed.csv").open()))
+    assert sorted((r["correction.sigma"], r["seed"]) for r in per_job) == [
+        ("0.1", "0"),
+        ("0.1", "1"),
+        ("0.25", "0"),
+        ("0.25", "1"),
+    ]
+    assert [r["status"] for r in per_job] == ["completed"] * 4
+    rows = _summary_rows(sweep)
+    assert len(rows) == 2 and sorted(r["correction.sigma"] for r in rows) == ["0.1", "0.25"]
+    assert [r["rank"] for r in rows] == ["1", "2"]
+    for row in rows:
+        assert row["n_seeds"] == "2" and row["seeds"] == "0 1" and row["status"] == "completed"
+        assert row["incomplete"] == ""
+        jobs = [r for r in per_job if r["correction.sigma"] == row["correction.sigma"]]
+        for metric in ("D_corrected/state_err_at_K", "D_corrected/dnll", "D_rollout/state_err_at_K"):
+            values = [float(r[metric]) for r in jobs]
+            mean, low, high = (float(row[metric + s]) for s in ("", "_ci_low", "_ci_high"))
+            assert mean == pytest.approx(sum(values) / 2)
+            # Two seeds: the 95 % percentile bootstrap interval is [min, max] of them, around the mean.
+            assert (low, high) == pytest.approx((min(values), max(values)))
+            assert low <= mean <= high
+        # The seeds differ (start points, score model): the interval has width.
+        assert float(row["D_rollout/state_err_at_K_ci_low"]) < float(row["D_rollout/state_err_at_K_ci_high"])
+    means = [float(r["D_corrected/state_err_at_K"]) for r in rows]
+    assert means == sorted(means)
+    results = json.loads((sweep / "sweep_results.json").read_text())
+    assert results["counts"] == {"completed": 4} and results["n_groups"] == 2
+    assert [g["n_seeds"] for g in results["groups"]] == [2, 2]
+    assert (sweep / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "4 jobs (4 completed) = 2 settings × seeds {0, 1}" in proc.stdout
+    assert re.search(r"\| 1 \| 3 \| 0\.1 \| 0\.\d+ \| 2 \| [-\d.e]+ \[[-\d.e]+, [-\d.e]+\] \|", proc.stdout)

@@ -16,6 +16,9 @@ numbers its 8 jobs n_steps-major, then sigma, then seed (job = 4*i_n + 2*i_sigma
 
 Ranked by (err, dnll) ascending: 4 (0.3, 0.1), 1 (0.3, 0.4), 0 (0.5, 0.2); then 3 (completed, no dnll),
 2 (failed), 5 (crashed), 6 (unknown), 7 (not started).
+
+The sweep varies ``seed``, so its per-job table is ``summary_per_seed.csv`` and ``summary.csv`` holds one row per
+setting (tests/test_sweep_seeds.py); the job-level results here are the same either way.
 """
 
 from __future__ import annotations
@@ -214,10 +217,12 @@ def test_a_started_job_is_running_only_while_another_live_process_runs_it(tmp_pa
 
 def test_csv_rows_columns_and_values(sweep_dir: Path) -> None:
     summary = write_sweep_summary(sweep_dir)
-    with summary.csv_path.open(newline="") as fh:
+    # A seed axis: the per-job table is summary_per_seed.csv (summary.csv: one row per setting).
+    assert summary.per_seed_csv_path == sweep_dir.resolve() / "summary_per_seed.csv"
+    with summary.per_seed_csv_path.open(newline="") as fh:
         header = next(csv.reader(fh))
     assert header == ["rank", "job", "status", *SWEPT, ERR, DNLL, RATIO, "duration_s", "error", "run_dir"]
-    rows = _read_csv(sweep_dir / "summary.csv")
+    rows = _read_csv(sweep_dir / "summary_per_seed.csv")
     assert [int(r["job"]) for r in rows] == EXPECTED_ORDER
     assert [r["rank"] for r in rows] == ["1", "2", "3", "", "", "", "", ""]
     assert [r["status"] for r in rows] == [EXPECTED_STATUS[n] for n in EXPECTED_ORDER]
@@ -308,12 +313,13 @@ def test_no_multirun_yaml_single_job_has_no_settings_and_no_planned_jobs(tmp_pat
 def test_cli_sweep_prints_the_table(sweep_dir: Path, capsys) -> None:
     assert main(["--sweep", str(sweep_dir)]) == 0
     out = capsys.readouterr().out
-    assert f"| rank | job | status | {' | '.join(SWEPT)} | {ERR} | {DNLL} | {RATIO} |" in out
-    assert "| 1 | 4 | completed | 3 | 0.05 | 0 | 0.3 | 0.1 | 0.7 |" in out
-    assert "| 2 | 1 | completed | 1 | 0.05 | 1 | 0.3 | 0.4 | 1.2 |" in out
-    assert "| | 2 | failed |" in out.replace("|  |", "| |")
-    assert "best: job 4" in out and "heatmap.png" in out
-    assert (sweep_dir / "summary.csv").exists()
+    # A seed axis: one row per (n_steps, sigma), the means over the completed seeds with their CIs.
+    assert f"| rank | correction.n_steps | correction.sigma | n_seeds | {ERR} | {DNLL} | {RATIO} |" in out
+    assert "| 1 | 3 | 0.05 | 1 | 0.3 [0.3, 0.3] | 0.1 [0.1, 0.1] | 0.7 [0.7, 0.7] |" in out
+    assert "| 2 | 1 | 0.05 | 2 | 0.4 [0.3, 0.5] | 0.3 [0.2, 0.4] | 1 [0.8, 1.2] |" in out
+    assert "seed=0 (job 2): failed" in out and "ValueError: sigma too large" in out
+    assert "best: correction.n_steps=3, correction.sigma=0.05 (1 seed)" in out and "heatmap.png" in out
+    assert (sweep_dir / "summary.csv").exists() and (sweep_dir / "summary_per_seed.csv").exists()
 
 
 def test_cli_sweep_rejects_a_bad_dir(tmp_path: Path, capsys) -> None:

@@ -79,7 +79,7 @@ def band_label(kind: str, level: float, n_starts: int, n_bootstrap: int | None =
 
 def seed_band_label(level: float, n_seeds: int, n_resamples: int) -> str:
     """A shaded band across seeds in words: the ``level`` percentile bootstrap CI of the mean over ``n_seeds``
-    seeds from ``n_resamples`` resamples (:func:`latentdyn.diagnostics.statistics.bootstrap_ci`)."""
+    seeds from ``n_resamples`` resamples (:func:`latentdyn.statistics.bootstrap_ci`)."""
     if not 0.0 < level < 1.0:
         raise ValueError(f"band level must lie in (0, 1), got {level}")
     if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:

@@ -40,6 +40,8 @@ from latentdyn.jsonio import write_json_atomic
 from latentdyn.pipeline.common import write_csv_rows
 from latentdyn.pipeline.score import build_correction, prepare_score_model, score_training_record
 from latentdyn.pipeline.seeds import (
+    CONFIDENCE,
+    N_RESAMPLES,
     add_key_metric,
     ci_series,
     n_seeds_metric,
@@ -64,6 +66,7 @@ from latentdyn.pipeline.stage3 import (
     rollout_segments,
     run_directory,
 )
+from latentdyn.statistics import N_SEEDS, aggregate_seeds
 from latentdyn.tracking.lookup import resolve_checkpoint
 from latentdyn.tracking.run import METRICS_NAME, write_json
 
@@ -348,21 +351,80 @@ def plot_ci_state_err(
     )
 
 
+def _job_seeds(job: Any) -> list[Any]:
+    """The seeds a sweep job ran: its ``metrics.json``'s ``seeds`` (what ran: ``seeds`` overrides ``seed``),
+    else its swept ``seed``."""
+    metrics = Path(job.run_dir or "") / METRICS_NAME
+    if metrics.is_file():
+        seeds = json.loads(metrics.read_text()).get("seeds")
+        if isinstance(seeds, list) and seeds:
+            return seeds
+    return [job.settings.get("seed")]
+
+
+def sigma_sweep_entries(jobs: Sequence[Any]) -> list[dict[str, Any]]:
+    """The σ sweep's merged entries from its completed jobs' ``sigma_sweep.json``.
+
+    Without a seed axis (every job has the same swept ``seed``): each job's entries, the uncorrected conditions
+    (``sigma`` null) once. With one (the jobs' ``seed`` differ): each job must have run that one seed
+    (``seeds=null``, or a one-element ``seeds`` equal to it); the entries are then the means over the seeds per
+    condition, σ and k with ``<col>_ci_low`` / ``<col>_ci_high`` (95 % bootstrap CI) and ``n_seeds`` (the seeds
+    that completed), as a job running several ``seeds`` writes them, and the uncorrected conditions are averaged
+    over one job per seed. A job that ran several seeds itself (its entries are means already), or two jobs of
+    one σ that ran the same seed (``seeds`` overrode the swept ``seed``), is a ValueError saying so: such a
+    sweep cannot be told apart into seeds.
+    """
+    loaded: list[tuple[Any, list[dict[str, Any]]]] = []
+    for job in jobs:
+        path = Path(job.run_dir or "") / SWEEP_NAME
+        if job.status == "completed" and path.is_file():
+            loaded.append((job, json.loads(path.read_text())))
+    swept_seeds = {repr(job.settings.get("seed")) for job, _ in loaded}
+    if len(swept_seeds) <= 1:
+        entries: list[dict[str, Any]] = []
+        seen_plain = False
+        for _, job_entries in loaded:
+            entries += [e for e in job_entries if e["sigma"] is not None or not seen_plain]
+            seen_plain = True
+        return entries
+
+    rows: list[dict[str, Any]] = []
+    plain_seeds: set[Any] = set()
+    ran: dict[tuple[Any, Any], int] = {}
+    for job, job_entries in loaded:
+        seeds = _job_seeds(job)
+        if len(seeds) > 1 or any(N_SEEDS in e for e in job_entries):
+            raise ValueError(
+                f"the σ sweep varies seed, but job {job.job} ran seeds={seeds} itself (`seeds` overrides `seed`): "
+                "its entries are means already. Sweep `seed=0,1,2 seeds=null`, or leave `seed` out of the sweep"
+            )
+        (seed,) = seeds
+        sigma = job.settings.get("sigma")
+        if (sigma, seed) in ran:
+            raise ValueError(
+                f"the σ sweep varies seed, but jobs {ran[(sigma, seed)]} and {job.job} (sigma={sigma}) both ran "
+                f"seed {seed}: a one-element `seeds` overrides the swept `seed`. Sweep `seed=0,1,2 seeds=null`"
+            )
+        ran[(sigma, seed)] = job.job
+        for entry in job_entries:
+            if entry["sigma"] is None:
+                if seed in plain_seeds:
+                    continue  # the uncorrected conditions: the same for every σ of a seed
+            rows.append({**entry, "seed": seed})
+        plain_seeds.add(seed)
+    return aggregate_seeds(rows, SUMMARY_KEYS, confidence=CONFIDENCE, n_resamples=N_RESAMPLES)
+
+
 def summarise_sigma_sweep(sweep_dir: Path, jobs: Sequence[Any], spec: Mapping[str, Any]) -> list[Path]:
     """The σ sweep's aggregate (called when the multirun ends, and by ``latentdyn-results --sweep``): every
     completed job's entries in ``sigma_sweep.json`` (the uncorrected conditions once: they are the same in every
-    job), ``best_sigmas.json`` and ``sigma_sweep.png`` (state error at ``target_k`` vs σ per condition)."""
+    job), ``best_sigmas.json`` and ``sigma_sweep.png`` (state error at ``target_k`` vs σ per condition).
+
+    A sweep that also varies ``seed`` (``sigma=... seed=0,1,2 seeds=null``) compares the means over seeds: see
+    :func:`sigma_sweep_entries`."""
     target_k = int(spec.get("target_k", 4))
     max_nan_share = float(spec.get("max_nan_share", 0.5))
-    entries: list[dict[str, Any]] = []
-    seen_plain = False
-    for job in jobs:
-        path = Path(job.run_dir or "") / SWEEP_NAME
-        if job.status != "completed" or not path.is_file():
-            continue
-        job_entries = json.loads(path.read_text())
-        entries += [e for e in job_entries if e["sigma"] is not None or not seen_plain]
-        seen_plain = True
+    entries = sigma_sweep_entries(jobs)
     if not entries:
         return []
     best = best_sigmas(entries, target_k, max_nan_share)
@@ -385,9 +447,10 @@ def summarise_sigma_sweep(sweep_dir: Path, jobs: Sequence[Any], spec: Mapping[st
             series[f"{condition} (no denoiser)"] = (sigmas, [at_k[None]] * len(sigmas))
             groups[f"{condition} (no denoiser)"] = condition
     if series:
+        extra = f"k={target_k}" + (" · means over seeds" if any(N_SEEDS in e for e in entries) else "")
         fig = curves_figure(
             series,
-            title=figure_title("exp11_consistency_rollout", Path(sweep_dir).name, extra=f"k={target_k}"),
+            title=figure_title("exp11_consistency_rollout", Path(sweep_dir).name, extra=extra),
             xlabel="Tweedie σ",
             ylabel=f"state error after {target_k} steps (raw latent units)",
             logx_base=10,

@@ -61,9 +61,8 @@ from latentdyn.pipeline.common import plain, write_csv_rows
 from latentdyn.pipeline.injection import injection_diagnostic
 from latentdyn.pipeline.seeds import (
     add_key_metric,
-    horizon_ci_series,
     n_seeds_metric,
-    plot_ci_curves,
+    plot_dnll_vs_horizon,
     run_seeds,
     seed_config,
     seed_label,
@@ -314,17 +313,7 @@ def write_seed_plots(
     """With several seeds: ``dnll_vs_horizon.png`` (each variant's model ΔNLL per horizon, mean and CI band
     across seeds) and ``injection_ci/<variant>/`` (the injection curves' mean and CI band across seeds)."""
     run_dir = Path(cfg.run_dir)
-    horizons = [int(h) for h in cfg.horizons]
-    series = horizon_ci_series(summary, horizons)
-    plot_ci_curves(
-        series,
-        run_dir / "dnll_vs_horizon.png",
-        title=figure_title(cfg.name, cfg.run_id, extra=f"model ΔNLL on slice {cfg.datamodule.slice}"),
-        xlabel="horizon k (context lag, frames)",
-        ylabel="ΔNLL vs baseline (nats/frame)",
-        n_seeds=len(seeds),
-        logx_base=2,
-    )
+    plot_dnll_vs_horizon(cfg, summary, len(seeds), "model")
     for name, store, _, _ in variants:
         write_injection_bands(
             run_dir,

@@ -43,9 +43,8 @@ from latentdyn.pipeline.phase1 import phase1_summary_columns, phase1_table_metri
 from latentdyn.pipeline.reconstruction import recon_key_metrics, recon_summary_columns, reconstruction_metrics
 from latentdyn.pipeline.seeds import (
     add_key_metric,
-    horizon_ci_series,
     n_seeds_metric,
-    plot_ci_curves,
+    plot_dnll_vs_horizon,
     run_seeds,
     seed_label,
     several,
@@ -203,17 +202,7 @@ def write_seed_plots(cfg: DictConfig, rows: list[dict[str, Any]], names: list[st
     """With several seeds: ``dnll_vs_horizon.png`` (each variant's Phase 1 ΔNLL per horizon, mean and CI band
     across seeds) and ``injection_ci/<variant>/`` (the injection curves' mean and CI band across seeds)."""
     run_dir = Path(cfg.run_dir)
-    horizons = [int(h) for h in cfg.horizons]
-    series = horizon_ci_series(rows, horizons)
-    plot_ci_curves(
-        series,
-        run_dir / "dnll_vs_horizon.png",
-        title=figure_title(cfg.name, cfg.run_id, extra=f"Phase 1 ΔNLL on slice {cfg.datamodule.slice}"),
-        xlabel="horizon k (context lag, frames)",
-        ylabel="ΔNLL vs baseline (nats/frame)",
-        n_seeds=len(seeds),
-        logx_base=2,
-    )
+    plot_dnll_vs_horizon(cfg, rows, len(seeds), "Phase 1")
     for name in names:
         phase1 = {seed: run_dir / seed_label(seed, seeds, name) / "phase1" for seed in seeds}
         store = variant_metrics_record(cfg, seed_label(seeds[0], seeds, name)).get("latent_store")

@@ -13,7 +13,7 @@ codecs, PCA fits) are built once and shared. Layout:
 Either way the run writes ``summary_per_seed.csv`` (the per-seed rows with a ``seed`` column) and ``summary.csv``
 (one row per variant: each numeric column's mean under its own name, ``<col>_ci_low`` / ``<col>_ci_high`` the
 95 % percentile bootstrap CI of the mean across seeds, and ``n_seeds``; see
-:mod:`latentdyn.diagnostics.statistics`). With several seeds the key metrics carry ``<key>_ci_low`` /
+:mod:`latentdyn.statistics`). With several seeds the key metrics carry ``<key>_ci_low`` /
 ``<key>_ci_high`` too, and ``latentdyn-results`` shows them as ``mean [low, high]``.
 """
 
@@ -29,8 +29,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from latentdyn.diagnostics.statistics import CI_HIGH, CI_LOW, N_SEEDS, aggregate_seeds
 from latentdyn.pipeline.common import write_csv_rows
+from latentdyn.statistics import CI_HIGH, CI_LOW, N_SEEDS, aggregate_seeds
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,22 @@ def horizon_ci_series(
         stats = [ci_series([row], f"k{k}_dnll") for k in horizons]
         series[str(row[label])] = (list(horizons), tuple([s[i][0] for s in stats] for i in range(3)))
     return series
+
+
+def plot_dnll_vs_horizon(cfg: DictConfig, rows: Sequence[Mapping[str, Any]], n_seeds: int, what: str) -> None:
+    """``<run_dir>/dnll_vs_horizon.png``: each variant's (aggregated row's) ΔNLL per horizon ``cfg.horizons``,
+    the mean across seeds with its CI band; ``what`` names the model in the title (``model``, ``Phase 1``)."""
+    from latentdyn.diagnostics.plots import figure_title
+
+    plot_ci_curves(
+        horizon_ci_series(rows, [int(h) for h in cfg.horizons]),
+        Path(cfg.run_dir) / "dnll_vs_horizon.png",
+        title=figure_title(cfg.name, cfg.run_id, extra=f"{what} ΔNLL on slice {cfg.datamodule.slice}"),
+        xlabel="horizon k (context lag, frames)",
+        ylabel="ΔNLL vs baseline (nats/frame)",
+        n_seeds=n_seeds,
+        logx_base=2,
+    )
 
 
 def plot_ci_curves(

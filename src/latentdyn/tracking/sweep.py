@@ -10,6 +10,19 @@ and Hydra's ``multirun.yaml`` (the composed config, with ``hydra.sweeper.params`
 - ``summary.csv``: one row per job, completed jobs ranked by the experiment's ``sweep_summary.rank_by``;
 - ``heatmap.png``: the grid of swept settings coloured by ``sweep_summary.heatmap.metric``.
 
+A sweep whose jobs vary ``seed`` (``latentdyn -m experiment=NAME key=a,b seed=0,1,2``, or ``seed`` in
+``hydra.sweeper.params``) is summarised per setting, as the experiments that run ``seeds`` in one job are
+(:mod:`latentdyn.pipeline.seeds`, DESIGN §9): the jobs are grouped by their values of the other swept keys, and
+
+- ``summary.csv`` has one row per setting: each metric's mean over the setting's completed seeds under its own
+  name, ``<metric>_ci_low`` / ``<metric>_ci_high`` (the 95 % percentile bootstrap CI of the mean,
+  :func:`latentdyn.statistics.mean_and_ci`), ``n_seeds`` (the completed ones), and the seeds that did not
+  complete (``incomplete``, with their status and error); settings ranked by the means of ``rank_by``;
+- ``summary_per_seed.csv`` is the one-row-per-job table (what ``summary.csv`` is for a sweep without a seed
+  axis); ``sweep_results.json`` adds the settings (``groups``) to its jobs; the heat map plots the means.
+
+A sweep without a seed axis is summarised exactly as before.
+
 How to summarise is the experiment's business: its config's top-level ``sweep_summary`` node::
 
     sweep_summary:
@@ -48,6 +61,16 @@ log = logging.getLogger(__name__)
 MULTIRUN_NAME = "multirun.yaml"
 RESULTS_NAME = "sweep_results.json"
 CSV_NAME = "summary.csv"
+#: A seed-swept sweep's per-job table (its summary.csv then holds one row per setting).
+PER_SEED_CSV_NAME = "summary_per_seed.csv"
+#: The swept key whose values are repeats of one setting, not settings.
+SEED_KEY = "seed"
+CONFIDENCE = 0.95
+N_RESAMPLES = 10_000
+# latentdyn.statistics' names of a mean's CI bounds (not imported here: it loads numpy).
+CI_LOW = "_ci_low"
+CI_HIGH = "_ci_high"
+N_SEEDS = "n_seeds"
 HEATMAP_NAME = "heatmap.png"
 SPEC_KEY = "sweep_summary"
 
@@ -124,6 +147,68 @@ class Sweep:
 
 
 @dataclass
+class SettingGroup:
+    """One setting of a sweep with a seed axis: the jobs sharing the values of every swept key but ``seed``.
+
+    ``metrics`` holds, for each metric, the mean over the completed jobs (``m``) and the bounds of its 95 %
+    bootstrap CI (``m_ci_low``, ``m_ci_high``); a metric some completed job lacks (or has non-finite) is
+    absent, as a completed job lacking a metric has no value for it. ``rank``: place among the settings by the
+    means of ``rank_by`` (1 = best), None when unranked.
+    """
+
+    settings: dict[str, Any]
+    jobs: list[JobRecord]
+    metrics: dict[str, float] = field(default_factory=dict)
+    rank: int | None = None
+
+    @property
+    def completed(self) -> list[JobRecord]:
+        return [job for job in self.jobs if job.status == "completed"]
+
+    @property
+    def n_seeds(self) -> int:
+        """The completed jobs (seeds) the means are over."""
+        return len(self.completed)
+
+    @property
+    def seeds(self) -> list[Any]:
+        """The completed jobs' seeds, by job number."""
+        return [job.settings.get(SEED_KEY) for job in self.completed]
+
+    @property
+    def incomplete(self) -> list[JobRecord]:
+        """The jobs with no result (failed, crashed, running, unknown, not started), by job number."""
+        return [job for job in self.jobs if job.status != "completed"]
+
+    @property
+    def status(self) -> str:
+        """``completed`` (every seed), ``partial`` (some), else the most telling status of its jobs."""
+        if not self.incomplete:
+            return "completed"
+        if self.completed:
+            return "partial"
+        return min((job.status for job in self.jobs), key=lambda s: (_STATUS_GROUP.get(s, 4), s))
+
+    def mean(self, metric: str) -> float | None:
+        return self.metrics.get(metric)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "settings": dict(self.settings),
+            "status": self.status,
+            "n_seeds": self.n_seeds,
+            "seeds": self.seeds,
+            "jobs": [job.job for job in self.jobs],
+            "metrics": dict(self.metrics),
+            "incomplete": [
+                {"job": j.job, "seed": j.settings.get(SEED_KEY), "status": j.status, "error": j.error}
+                for j in self.incomplete
+            ],
+        }
+
+
+@dataclass
 class SweepSummary:
     """What :func:`write_sweep_summary` wrote: the jobs in table order, counts per status, the best job."""
 
@@ -141,6 +226,13 @@ class SweepSummary:
     heatmap_note: str | None = None
     #: Files the experiment's own aggregate wrote (``sweep_summary.aggregate``).
     extra_paths: list[Path] = field(default_factory=list)
+    #: A sweep with a seed axis: its settings (jobs grouped by every swept key but ``seed``) in table order,
+    #: the keys that tell them apart, the best setting and the per-job table (``csv_path`` then holds the
+    #: settings); None, [], None, None without a seed axis.
+    groups: list[SettingGroup] | None = None
+    group_keys: list[str] = field(default_factory=list)
+    best_group: SettingGroup | None = None
+    per_seed_csv_path: Path | None = None
 
 
 # --- reading a sweep directory ---------------------------------------------------------------------------
@@ -467,27 +559,186 @@ def _row(job: JobRecord, swept: Sequence[str], columns: Sequence[str]) -> dict[s
     return row
 
 
+# --- a seed axis: one row per setting ---------------------------------------------------------------------
+
+
+def has_seed_axis(jobs: Sequence[JobRecord], swept_keys: Sequence[str]) -> bool:
+    """Whether the sweep's jobs (planned ones included) take more than one value of ``seed``."""
+    return SEED_KEY in swept_keys and len({_hashable(job.settings.get(SEED_KEY)) for job in jobs}) > 1
+
+
+def _is_bound(name: str, names: Sequence[str] | set[str]) -> bool:
+    """Whether ``name`` is the CI bound of another metric in ``names`` (or a job's own ``n_seeds``)."""
+    if name == N_SEEDS:
+        return True
+    return any(name.endswith(suffix) and name[: -len(suffix)] in names for suffix in (CI_LOW, CI_HIGH))
+
+
+def group_by_setting(
+    jobs: Sequence[JobRecord], swept_keys: Sequence[str]
+) -> tuple[list[str], list[SettingGroup]]:
+    """The jobs grouped by their values of every swept key but ``seed`` (those keys, and the groups in the
+    order of their first job), each group with its metrics' means over its completed jobs and their 95 %
+    percentile bootstrap CIs (:func:`latentdyn.statistics.mean_and_ci`, 10 000 resamples, deterministic).
+
+    A metric counts only when every completed job of the group has it as a finite number (else the group has
+    no value for it, as a completed job lacking one has none). The jobs' own CI bounds and ``n_seeds`` (a job
+    that ran several ``seeds`` itself) are not averaged: the group's bounds are across the sweep's seeds.
+    """
+    from latentdyn.statistics import mean_and_ci
+
+    keys = [k for k in swept_keys if k != SEED_KEY]
+    groups: dict[tuple[Any, ...], SettingGroup] = {}
+    for job in sorted(jobs, key=lambda j: j.job):
+        ident = _settings_key(job.settings, keys)
+        if ident not in groups:
+            groups[ident] = SettingGroup({k: job.settings[k] for k in keys if k in job.settings}, [])
+        groups[ident].jobs.append(job)
+    for group in groups.values():
+        done = group.completed
+        seeds = [_hashable(seed) for seed in group.seeds]
+        if len(set(seeds)) != len(seeds):
+            log.warning(
+                "sweep setting %s: a seed repeats among the completed jobs %s (seeds %s): each job counts",
+                _settings_text(group.settings) or "(no other key)",
+                [job.job for job in done],
+                group.seeds,
+            )
+        names: list[str] = []
+        for job in done:
+            names.extend(m for m in job.metrics if m not in names)
+        for name in names:
+            if _is_bound(name, names):
+                continue
+            values = [_number(job.metrics.get(name)) for job in done]
+            if any(value is None for value in values):
+                continue
+            mean, low, high = mean_and_ci(values, CONFIDENCE, N_RESAMPLES, seed=0)  # type: ignore[arg-type]
+            group.metrics.update({name: mean, name + CI_LOW: low, name + CI_HIGH: high})
+    return keys, list(groups.values())
+
+
+def rank_groups(groups: Sequence[SettingGroup], rank_by: Sequence[str]) -> list[SettingGroup]:
+    """Set each setting's rank and return the settings in table order, as :func:`rank_jobs` does jobs:
+    settings with a completed job and every ``rank_by`` mean, ascending by those means in turn (ties by the
+    next, then first job number); then settings with completed jobs but a mean missing, then those with none
+    (failed, crashed/running, unknown, not started), each by first job number."""
+
+    def ranking(group: SettingGroup) -> tuple[float, ...] | None:
+        if not group.completed or not rank_by:
+            return None
+        values = tuple(group.mean(m) for m in rank_by)
+        return None if any(v is None for v in values) else values  # type: ignore[return-value]
+
+    ranked = sorted(
+        ((r, g) for g in groups if (r := ranking(g)) is not None), key=lambda p: (p[0], p[1].jobs[0].job)
+    )
+    for place, (_, group) in enumerate(ranked, start=1):
+        group.rank = place
+    rest = [group for group in groups if ranking(group) is None]
+    for group in rest:
+        group.rank = None
+    rest.sort(key=lambda g: (1 if g.completed else _STATUS_GROUP.get(g.status, 4), g.jobs[0].job))
+    return [group for _, group in ranked] + rest
+
+
+def _group_metric_columns(columns: Sequence[str]) -> list[str]:
+    """The table's metric columns for settings: the jobs' columns but their own CI bounds and ``n_seeds``."""
+    return [c for c in columns if not _is_bound(c, set(columns))]
+
+
+def _group_csv_columns(keys: Sequence[str], columns: Sequence[str]) -> list[str]:
+    metrics = [c + suffix for c in _group_metric_columns(columns) for suffix in ("", CI_LOW, CI_HIGH)]
+    return list(dict.fromkeys(["rank", *keys, "status", N_SEEDS, "seeds", *metrics, "jobs", "incomplete"]))
+
+
+def _incomplete_text(job: JobRecord, error: bool = True) -> str:
+    text = f"seed={_fmt(job.settings.get(SEED_KEY))} (job {job.job}): {job.status}"
+    return f"{text}: {job.error}" if error and job.error else text
+
+
+def _group_row(group: SettingGroup, keys: Sequence[str], columns: Sequence[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {"rank": group.rank, **{k: group.settings.get(k) for k in keys}}
+    row.update(status=group.status, n_seeds=group.n_seeds, seeds=" ".join(_fmt(s) for s in group.seeds))
+    for column in _group_metric_columns(columns):
+        for suffix in ("", CI_LOW, CI_HIGH):
+            row[column + suffix] = group.metrics.get(column + suffix)
+    row["jobs"] = " ".join(str(job.job) for job in group.jobs)
+    row["incomplete"] = "; ".join(_incomplete_text(job) for job in group.incomplete)
+    return row
+
+
+def _ci_text(group: SettingGroup, metric: str) -> str:
+    """``mean [low, high]`` of a setting's metric, empty when it has none."""
+    mean, low, high = (group.metrics.get(metric + suffix) for suffix in ("", CI_LOW, CI_HIGH))
+    if mean is None:
+        return ""
+    return f"{_fmt(mean)} [{_fmt(low)}, {_fmt(high)}]" if low is not None and high is not None else _fmt(mean)
+
+
+def setting_records(groups: Sequence[SettingGroup]) -> list[JobRecord]:
+    """The settings as job records for the heat map: each one's means, completed when a seed completed."""
+    return [
+        JobRecord(
+            job=group.jobs[0].job,
+            run_id=None,
+            status="completed" if group.completed else group.status,
+            settings=dict(group.settings),
+            metrics=dict(group.metrics),
+            run_dir=None,
+            duration_s=None,
+            error=None,
+        )
+        for group in groups
+    ]
+
+
 def write_sweep_summary(sweep_dir: Path) -> SweepSummary:
     """Write ``sweep_results.json``, ``summary.csv`` and ``heatmap.png`` (when some completed job has the
-    heat-map metric) into ``sweep_dir``, each atomically; return what was written."""
+    heat-map metric) into ``sweep_dir``, each atomically; return what was written. With a seed axis
+    (:func:`has_seed_axis`) ``summary.csv`` holds the settings (means and CIs over seeds),
+    ``summary_per_seed.csv`` the jobs, and the heat map the means."""
     sweep = load_sweep(sweep_dir)
     jobs = rank_jobs(sweep.jobs, sweep.spec.rank_by)
     columns = metric_columns(jobs, sweep.spec)
     counts = dict(Counter(job.status for job in jobs))
     counts = {s: counts[s] for s in sorted(counts, key=lambda s: (STATUSES + (s,)).index(s))}
     best = jobs[0] if jobs and jobs[0].rank == 1 else None
+    groups: list[SettingGroup] | None = None
+    group_keys: list[str] = []
+    if has_seed_axis(jobs, sweep.swept_keys):
+        group_keys, groups = group_by_setting(jobs, sweep.swept_keys)
+        groups = rank_groups(groups, sweep.spec.rank_by)
+        several = sorted({j.job for j in jobs if (_number(j.metrics.get(N_SEEDS)) or 0) > 1})
+        if several:
+            log.warning(
+                "sweep %s varies seed, but jobs %s ran several seeds themselves (`seeds` overrides `seed`): "
+                "their repeats may be the same runs; sweep `seed=...` with `seeds=null`",
+                sweep.sweep_dir,
+                several,
+            )
+    best_group = groups[0] if groups and groups[0].rank == 1 else None
 
     # Only a metric the experiment names: a sweep of an experiment without `sweep_summary` gets no heat map.
     metric = sweep.spec.heatmap_metric or (sweep.spec.rank_by or [None])[0]
+    cells, cell_keys = (jobs, sweep.swept_keys) if groups is None else (setting_records(groups), group_keys)
     heatmap_path: Path | None = sweep.sweep_dir / HEATMAP_NAME
     note = None
     if metric is None:
         heatmap_path, note = None, "the experiment names no sweep_summary metric to plot"
-    elif not any(job.status == "completed" and _number(job.metrics.get(metric)) is not None for job in jobs):
+    elif not any(job.status == "completed" and _number(job.metrics.get(metric)) is not None for job in cells):
         heatmap_path, note = None, f"no completed job has the metric {metric}"
     else:
         try:
-            plot_heatmap(sweep, metric, sweep.spec.heatmap_center, heatmap_path)
+            plot_heatmap(
+                sweep,
+                metric,
+                sweep.spec.heatmap_center,
+                heatmap_path,
+                jobs=cells,
+                keys=cell_keys,
+                over_seeds=groups is not None,
+            )
         except Exception as exc:  # the tables matter more than the figure
             log.warning("heat map of %s not drawn: %s: %s", sweep.sweep_dir, type(exc).__name__, exc)
             heatmap_path, note = None, f"drawing failed ({type(exc).__name__}: {exc})"
@@ -495,30 +746,46 @@ def write_sweep_summary(sweep_dir: Path) -> SweepSummary:
         log.info("sweep %s: heat map skipped: %s", sweep.sweep_dir, note)
 
     csv_path = sweep.sweep_dir / CSV_NAME
+    per_job_csv = csv_path if groups is None else sweep.sweep_dir / PER_SEED_CSV_NAME
     write_csv_atomic(
-        csv_path, _csv_columns(sweep.swept_keys, columns), [_row(j, sweep.swept_keys, columns) for j in jobs]
+        per_job_csv,
+        _csv_columns(sweep.swept_keys, columns),
+        [_row(j, sweep.swept_keys, columns) for j in jobs],
     )
-    results_path = sweep.sweep_dir / RESULTS_NAME
-    write_json_atomic(
-        results_path,
-        {
-            "sweep_dir": str(sweep.sweep_dir),
-            "experiment": sweep.experiment,
-            "n_jobs": len(jobs),
-            "counts": counts,
-            "swept_keys": sweep.swept_keys,
-            "rank_by": sweep.spec.rank_by,
-            "columns": columns,
-            "heatmap": {
-                "metric": metric,
-                "center": sweep.spec.heatmap_center,
-                "file": heatmap_path and HEATMAP_NAME,
-                "note": note,
-            },
-            "best_job": None if best is None else best.job,
-            "jobs": [job.as_dict() for job in jobs],
+    if groups is not None:
+        write_csv_atomic(
+            csv_path,
+            _group_csv_columns(group_keys, columns),
+            [_group_row(g, group_keys, columns) for g in groups],
+        )
+    results: dict[str, Any] = {
+        "sweep_dir": str(sweep.sweep_dir),
+        "experiment": sweep.experiment,
+        "n_jobs": len(jobs),
+        "counts": counts,
+        "swept_keys": sweep.swept_keys,
+        "rank_by": sweep.spec.rank_by,
+        "columns": columns,
+        "heatmap": {
+            "metric": metric,
+            "center": sweep.spec.heatmap_center,
+            "file": heatmap_path and HEATMAP_NAME,
+            "note": note,
         },
-    )
+        "best_job": None if best is None else best.job,
+        "jobs": [job.as_dict() for job in jobs],
+    }
+    if groups is not None:
+        results.update(
+            seed_key=SEED_KEY,
+            group_keys=group_keys,
+            confidence=CONFIDENCE,
+            n_groups=len(groups),
+            best_group=None if best_group is None else best_group.as_dict(),
+            groups=[group.as_dict() for group in groups],
+        )
+    results_path = sweep.sweep_dir / RESULTS_NAME
+    write_json_atomic(results_path, results)
     extra = run_aggregate(sweep.spec.aggregate, sweep.sweep_dir, jobs)
     return SweepSummary(
         sweep_dir=sweep.sweep_dir,
@@ -534,6 +801,10 @@ def write_sweep_summary(sweep_dir: Path) -> SweepSummary:
         heatmap_path=heatmap_path,
         heatmap_note=note,
         extra_paths=extra,
+        groups=groups,
+        group_keys=group_keys,
+        best_group=best_group,
+        per_seed_csv_path=None if groups is None else per_job_csv,
     )
 
 
@@ -568,7 +839,10 @@ def _settings_text(settings: Mapping[str, Any]) -> str:
 
 def format_summary(summary: SweepSummary, max_rows: int = 10) -> str:
     """A short markdown report for the terminal: counts, the first ``max_rows`` table rows (settings and
-    metric columns), the best job and the files written."""
+    metric columns), the best job and the files written. With a seed axis the rows are the settings, each
+    metric ``mean [low, high]`` over their completed seeds (:func:`format_groups`)."""
+    if summary.groups is not None:
+        return format_groups(summary, max_rows)
     counts = ", ".join(f"{n} {status}" for status, n in summary.counts.items())
     lines = [
         f"## {summary.experiment} · sweep {summary.sweep_dir.name}: {len(summary.jobs)} jobs ({counts})",
@@ -594,6 +868,66 @@ def format_summary(summary: SweepSummary, max_rows: int = 10) -> str:
         written.append(summary.heatmap_path.name)
     written += [p.name for p in summary.extra_paths]
     lines.append(f"wrote {', '.join(written)} in {summary.sweep_dir}")
+    if summary.heatmap_note:
+        lines.append(f"heat map skipped: {summary.heatmap_note}")
+    return "\n".join(lines)
+
+
+def _written(summary: SweepSummary) -> list[str]:
+    written = [summary.results_path.name, summary.csv_path.name]
+    if summary.per_seed_csv_path is not None:
+        written.append(summary.per_seed_csv_path.name)
+    if summary.heatmap_path is not None:
+        written.append(summary.heatmap_path.name)
+    return written + [p.name for p in summary.extra_paths]
+
+
+def format_groups(summary: SweepSummary, max_rows: int = 10) -> str:
+    """:func:`format_summary` of a sweep with a seed axis: one row per setting (rank, the other swept keys,
+    ``n_seeds``, each metric ``mean [low, high]``, the seeds without a result), the best setting."""
+    groups = summary.groups or []
+    counts = ", ".join(f"{n} {status}" for status, n in summary.counts.items())
+    seeds = sorted(
+        {_hashable(j.settings.get(SEED_KEY)) for j in summary.jobs}, key=lambda v: (str(type(v)), v)
+    )
+    seed_text = ", ".join(_fmt(s) for s in seeds)
+    lines = [
+        f"## {summary.experiment} · sweep {summary.sweep_dir.name}: {len(summary.jobs)} jobs ({counts}) = "
+        f"{len(groups)} settings × seeds {{{seed_text}}}",
+        "",
+    ]
+    metrics = _group_metric_columns(summary.columns)
+    columns = ["rank", *summary.group_keys, N_SEEDS, *metrics, "incomplete"]
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "|".join(" --- " for _ in columns) + "|")
+    for group in groups[:max_rows]:
+        cells = [_fmt(group.rank), *(_fmt(group.settings.get(k)) for k in summary.group_keys)]
+        cells += [str(group.n_seeds), *(_ci_text(group, m) for m in metrics)]
+        cells.append(", ".join(_incomplete_text(job, error=False) for job in group.incomplete))
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    if len(groups) > max_rows:
+        lines.append(f"\n({len(groups) - max_rows} more settings in {summary.csv_path.name})")
+    lines.append("")
+    confidence = f"{CONFIDENCE * 100:g} %"
+    lines.append(
+        f"mean [{confidence} bootstrap CI] over each setting's completed seeds; one row per job in "
+        f"{PER_SEED_CSV_NAME}"
+    )
+    best = summary.best_group
+    if best is not None:
+        scores = ", ".join(f"{m}={_ci_text(best, m)}" for m in summary.rank_by)
+        where = _settings_text(best.settings) or "the only setting"
+        n = best.n_seeds
+        lines.append(f"best: {where} ({n} seed{'s' if n != 1 else ''}): {scores}")
+    elif summary.rank_by:
+        lines.append(f"best: none (no setting has a mean of each of {', '.join(summary.rank_by)})")
+    failed = [job for group in groups for job in group.incomplete if job.status in ("failed", "crashed")]
+    if failed:
+        lines.append(f"failed seeds (left out of the means, listed in {summary.csv_path.name}):")
+        for job in failed:
+            error = f": {job.error.splitlines()[0]}" if job.error else ""
+            lines.append(f"- job {job.job} ({_settings_text(job.settings)}): {job.status}{error}")
+    lines.append(f"wrote {', '.join(_written(summary))} in {summary.sweep_dir}")
     if summary.heatmap_note:
         lines.append(f"heat map skipped: {summary.heatmap_note}")
     return "\n".join(lines)
@@ -699,8 +1033,19 @@ def heatmap_panels(jobs: Sequence[JobRecord], swept_keys: Sequence[str], metric:
     return panels
 
 
-def plot_heatmap(sweep: Sweep, metric: str, center: float | None, path: Path) -> Path:
-    """Draw the sweep's grid coloured by ``metric`` to ``path`` (PNG), panels as :func:`heatmap_panels`.
+def plot_heatmap(
+    sweep: Sweep,
+    metric: str,
+    center: float | None,
+    path: Path,
+    *,
+    jobs: Sequence[JobRecord] | None = None,
+    keys: Sequence[str] | None = None,
+    over_seeds: bool = False,
+) -> Path:
+    """Draw the sweep's grid coloured by ``metric`` to ``path`` (PNG), panels as :func:`heatmap_panels` of
+    ``jobs`` over ``keys`` (default: the sweep's jobs and swept keys; a seed axis passes its settings' means
+    over the other keys, ``over_seeds``: the colour bar says so).
 
     Cells without a value are grey, labelled failed/crashed/running/—; the others carry their value (3
     significant digits). With ``center`` the colour map diverges around it (limits symmetric about the
@@ -711,7 +1056,9 @@ def plot_heatmap(sweep: Sweep, metric: str, center: float | None, path: Path) ->
     from matplotlib.colors import Normalize, TwoSlopeNorm
     from matplotlib.figure import Figure
 
-    panels = heatmap_panels(sweep.jobs, sweep.swept_keys, metric)
+    panels = heatmap_panels(
+        sweep.jobs if jobs is None else jobs, sweep.swept_keys if keys is None else keys, metric
+    )
     grids = [np.array(p.values, dtype=float) for p in panels]  # None -> nan
     finite = np.concatenate([g[np.isfinite(g)] for g in grids])
     if finite.size == 0:
@@ -751,7 +1098,8 @@ def plot_heatmap(sweep: Sweep, metric: str, center: float | None, path: Path) ->
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_axis_off()
     centred = "" if center is None else f"\n(centred on {center:g})"
-    fig.colorbar(image, ax=axes, label=f"{metric}{centred}", shrink=0.9)
+    mean = " (mean over seeds)" if over_seeds else ""
+    fig.colorbar(image, ax=axes, label=f"{metric}{mean}{centred}", shrink=0.9)
     title = f"{sweep.experiment} · sweep {sweep.sweep_dir.name} · {metric}"
     fig.suptitle(title, fontsize=10)
     buf = io.BytesIO()
