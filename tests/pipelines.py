@@ -48,3 +48,17 @@ def custom_dynamics(**kwargs):
     model = DynamicsModel(**kwargs)
     model.built_by = "tests.pipelines.custom_dynamics"
     return model
+
+
+def rank0_fails_between_fits(cfg: DictConfig) -> dict[str, float]:
+    """Two data-parallel fits (Exp 1's k = 1 and k = 2) with rank 0 failing between them."""
+    from latentdyn.pipeline.store import prepare_latent_store
+    from latentdyn.pipeline.train import train_horizon
+    from latentdyn.tracking.ranks import is_rank_zero
+
+    store = prepare_latent_store(cfg)
+    train_horizon(cfg, store, 1, None)
+    if is_rank_zero():
+        raise RuntimeError("rank 0 fails between its fits")
+    train_horizon(cfg, store, 2, None)
+    return {}

@@ -18,7 +18,14 @@ from omegaconf import OmegaConf
 
 from latentdyn.data.windows import IndexBatchSampler
 from latentdyn.tracking.preflight import ConfigError, check_data_parallel
-from latentdyn.tracking.ranks import global_rank, is_rank_zero, rank_scratch_dir, shared_path
+from latentdyn.tracking.ranks import (
+    global_rank,
+    is_rank_zero,
+    rank_scratch_dir,
+    shared_path,
+    started_by_lightning,
+    stop_when_parent_ends,
+)
 from tests.conftest import manifest_lines, run_cli
 
 # ----------------------------------------------------------------------------------------- batch sharding
@@ -188,3 +195,33 @@ def test_a_killed_ddp_run_resumes_to_the_uninterrupted_metrics(tmp_path: Path) -
     assert set(whole) == set(resumed) and len(whole) >= 2 * len(COMPARED)
     for key in whole:
         assert resumed[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-5), key
+
+
+def test_a_rank_lightning_started_stops_when_rank_0_ends() -> None:
+    """The watchdog of a Lightning-launched rank acts once its parent process is gone (its parent pid
+    changes), and not before."""
+    import threading
+
+    parents = iter([100, 100, 100, 1])
+    ended = threading.Event()
+    stop_when_parent_ends(ended.set, poll_s=0.01, getppid=lambda: next(parents, 1))
+    assert ended.wait(5)
+    assert next(parents, None) is None  # it kept polling until the change
+    assert started_by_lightning({"LOCAL_RANK": "1", "WORLD_SIZE": "2"})
+    assert not started_by_lightning({"LOCAL_RANK": "1", "RANK": "1"})
+    assert not started_by_lightning({"LOCAL_RANK": "0", "SLURM_PROCID": "0"})
+    assert not started_by_lightning({})
+
+
+@pytest.mark.slow
+def test_when_rank_0_fails_between_fits_the_other_rank_stops_with_one_line(tmp_path: Path) -> None:
+    """Rank 0 raises outside a fit: the command fails with rank 0's error, and rank 1 (which shares the
+    output pipe, so the command returns only once it has ended) stops with one line, not a gloo traceback."""
+    proc = run_cli(
+        [*EXP1, *DDP, "pipeline=tests.pipelines.rank0_fails_between_fits"], tmp_path, timeout=300, check=False
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "rank 0 fails between its fits" in output
+    assert "rank 1 stops: rank 0 ended" in output
+    assert "Connection closed by peer" not in output

@@ -71,24 +71,74 @@ def run_other_rank(cfg: DictConfig) -> dict[str, Any]:
     this rank writes its own into ``<run_dir>/.rank<N>/`` (removed when the job ends well), logs warnings
     only, and reads the checkpoints rank 0 writes.
     """
+    import os
     import shutil
     from pathlib import Path
 
     from omegaconf import open_dict
 
-    from latentdyn.tracking.ranks import global_rank, rank_scratch_dir
+    from latentdyn.tracking.ranks import (
+        global_rank,
+        rank_scratch_dir,
+        started_by_lightning,
+        stop_when_parent_ends,
+    )
 
     rank = global_rank()
     scratch = rank_scratch_dir(Path(cfg.run_dir), rank)
+    launched = started_by_lightning()
+    parent = os.getppid()
+    if launched:
+        stop_when_parent_ends(lambda: _end_with_rank_zero(scratch))
     with open_dict(cfg):
         cfg.run_dir = str(scratch)
     root = logging.getLogger()
     root.setLevel(logging.WARNING)
     for handler in root.handlers:  # records propagated from loggers with their own level (lightning's)
         handler.setLevel(logging.WARNING)
-    metrics = run_pipeline(cfg)
+    try:
+        metrics = run_pipeline(cfg)
+    except Exception as exc:
+        # A collective that broke because rank 0 is gone: rank 0's own error says why.
+        if launched and _parent_ends(parent):
+            log.error("rank %d stops: rank 0 ended (%s)", rank, type(exc).__name__)
+            os._exit(1)
+        raise
     shutil.rmtree(scratch, ignore_errors=True)
     return metrics
+
+
+def _parent_ends(parent: int, wait_s: float = 5.0) -> bool:
+    """Whether the process ``parent`` that started this one ends within ``wait_s`` (a dying rank 0 closes its
+    connections, failing this rank's collectives, a moment before this process is handed to a new parent)."""
+    import os
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while os.getppid() == parent:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _end_with_rank_zero(scratch: Any) -> None:
+    """Rank 0 has ended: end this rank now, cleanly (its scratch removed) when rank 0's run completed."""
+    import json
+    import os
+    import shutil
+
+    from latentdyn.tracking.run import RUN_INFO_NAME
+
+    try:
+        status = json.loads((scratch.parent / RUN_INFO_NAME).read_text()).get("status")
+    except (OSError, ValueError):
+        status = None
+    if status == "completed":
+        shutil.rmtree(scratch, ignore_errors=True)
+        os._exit(0)
+    log.error("rank 0 ended without completing the run (status %s); this rank stops too", status)
+    os._exit(1)
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")

@@ -11,7 +11,9 @@ Imports nothing but the standard library: the tracking callback asks before anyt
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 
@@ -66,3 +68,32 @@ def shared_path(path: Path) -> Path:
 
 def _is_scratch_name(name: str) -> bool:
     return name.startswith(_SCRATCH_PREFIX) and name[len(_SCRATCH_PREFIX) :].isdigit()
+
+
+def started_by_lightning(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this rank is a process Lightning's DDP launcher started (``LOCAL_RANK`` set by it, and no
+    torchrun or SLURM task environment, whose launchers stop their ranks themselves)."""
+    env = os.environ if env is None else env
+    return "LOCAL_RANK" in env and "RANK" not in env and "SLURM_PROCID" not in env
+
+
+def stop_when_parent_ends(
+    on_parent_end: Callable[[], None], poll_s: float = 2.0, getppid: Callable[[], int] = os.getppid
+) -> threading.Thread:
+    """Watch, on a daemon thread, the process that started this one; when it ends, call ``on_parent_end``
+    (which should end this process: ``os._exit``).
+
+    Rank 0 of a Lightning-launched job may end outside a fit (done, or an error in its evaluation); the
+    ranks it started would otherwise go on with work nobody reads, or wait in the next fit's collectives
+    until the process group times out (30 min).
+    """
+    parent = getppid()
+
+    def watch() -> None:
+        while getppid() == parent:
+            time.sleep(poll_s)
+        on_parent_end()
+
+    thread = threading.Thread(target=watch, name="latentdyn-parent-watch", daemon=True)
+    thread.start()
+    return thread
