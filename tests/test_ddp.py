@@ -127,6 +127,16 @@ def test_ddp_in_a_local_sweep_and_spawning_strategies_are_refused() -> None:
         check_data_parallel(_cfg("ddp_spawn", 2))
 
 
+@pytest.mark.slow
+def test_a_local_sweep_of_ddp_jobs_is_refused_before_any_rank_starts(tmp_path: Path) -> None:
+    """Hydra puts a RunMode in the job's config: the rule must see it (not only a hand-written string)."""
+    proc = run_cli(["-m", *EXP1, *DDP, "seed=0,1"], tmp_path, timeout=300, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "inside a local multirun" in output
+    assert "Initializing distributed" not in output
+
+
 # -------------------------------------------------------------------------------------------- end to end
 
 EXP1 = ["experiment=exp1_vmf", "debug=smoke", "horizons=[1,2]", "trainer.accelerator=cpu", "logger=none"]

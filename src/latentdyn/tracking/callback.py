@@ -50,7 +50,7 @@ def validate_job(config: DictConfig, hydra_cfg: Any) -> None:
     overrides = list(hydra_cfg.overrides.task)
     choices, keys = overridden_keys(overrides, hydra_cfg.runtime.choices.keys())
     baseline = compose(config_name=hydra_cfg.job.config_name, overrides=choices) if keys else None
-    validate(config, baseline, keys)
+    validate(config, baseline, keys, hydra_cfg)
 
 
 def _stop(exc: ConfigError) -> SystemExit:

@@ -194,13 +194,20 @@ def check_variant(cfg: DictConfig) -> None:
         )
 
 
-def check_data_parallel(cfg: DictConfig) -> None:
+def _mode_name(mode: Any) -> str:
+    """``hydra.mode`` (a ``RunMode`` in a job's config, a string in a hand-made one) as its name."""
+    return str(getattr(mode, "name", mode))
+
+
+def check_data_parallel(cfg: DictConfig, hydra_cfg: Any = None) -> None:
     """A multi-process strategy is one our jobs can run under, and not started from inside a local sweep.
 
     ``trainer.strategy=ddp`` with several devices re-runs the job's command once per rank (Lightning's
     launcher): a sweep's jobs would each start a sweep. On a cluster ``hydra/launcher=submitit_slurm`` with
-    one task per device (SLURM starts the ranks) is the way to sweep data-parallel jobs.
+    one task per device (SLURM starts the ranks) is the way to sweep data-parallel jobs. ``hydra_cfg``: the
+    job's Hydra node (the task function's config has none), else ``cfg.hydra``.
     """
+    hydra_cfg = hydra_cfg if hydra_cfg is not None else OmegaConf.select(cfg, "hydra", default=None)
     strategy = str(OmegaConf.select(cfg, "trainer.strategy", default="auto"))
     devices = OmegaConf.select(cfg, "trainer.devices", default=1)
     if any(word in strategy for word in ("spawn", "fork", "notebook")):
@@ -209,13 +216,9 @@ def check_data_parallel(cfg: DictConfig) -> None:
             "whole job, rank 0 writes its files)"
         )
     several = str(devices) not in ("1", "None")
-    launcher = str(OmegaConf.select(cfg, "hydra.launcher._target_", default=""))
-    if (
-        "ddp" in strategy
-        and several
-        and str(OmegaConf.select(cfg, "hydra.mode", default="")) == "MULTIRUN"
-        and "SlurmLauncher" not in launcher
-    ):
+    launcher = str(OmegaConf.select(hydra_cfg, "launcher._target_", default="")) if hydra_cfg else ""
+    mode = OmegaConf.select(hydra_cfg, "mode", default=None) if hydra_cfg else None
+    if "ddp" in strategy and several and _mode_name(mode) == "MULTIRUN" and "SlurmLauncher" not in launcher:
         raise InvalidValue(
             f"trainer.strategy={strategy} with trainer.devices={devices} inside a local multirun: each job "
             "would re-launch the sweep's command per rank. Sweep data-parallel jobs on SLURM "
@@ -282,7 +285,9 @@ def overridden_keys(overrides: Iterable[str], groups: Iterable[str]) -> tuple[li
     return choices, keys
 
 
-def validate(cfg: DictConfig, baseline: DictConfig | None, keys: Iterable[str]) -> None:
+def validate(
+    cfg: DictConfig, baseline: DictConfig | None, keys: Iterable[str], hydra_cfg: Any = None
+) -> None:
     """All checks of a job's config: the run id, overridden values' types (against ``baseline``, the same
     experiment composed without value overrides) and :data:`RULES`."""
     check_run_id(cfg.run_id)
@@ -295,7 +300,7 @@ def validate(cfg: DictConfig, baseline: DictConfig | None, keys: Iterable[str]) 
         check_types(cfg, baseline, keys)
     check_values(cfg)
     check_variant(cfg)
-    check_data_parallel(cfg)
+    check_data_parallel(cfg, hydra_cfg)
 
 
 def describe_existing(run_dir: Path) -> str:
