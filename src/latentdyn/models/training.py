@@ -379,16 +379,13 @@ def fit(
     trainer.fit(model, **data, ckpt_path=ckpt_path, weights_only=True)
 
 
-#: Strategies that start their processes before the job runs (Lightning's script launcher, torchrun,
-#: SLURM), so that every rank runs the whole job. Spawn/fork strategies run only the fit in the processes
-#: they start and would leave the rest of the job (evaluation, files) without the fit's weights.
-_SPAWNING_STRATEGIES = ("spawn", "fork", "notebook")
-
-
 def check_data_parallel_strategy(strategy: Any) -> None:
-    """Refuse a multi-process strategy our jobs cannot run under (see :data:`_SPAWNING_STRATEGIES`)."""
+    """Refuse a multi-process strategy our jobs cannot run under
+    (:func:`latentdyn.tracking.ranks.spawns_inside_the_fit`)."""
+    from latentdyn.tracking.ranks import spawns_inside_the_fit
+
     name = strategy if isinstance(strategy, str) else type(strategy).__name__.lower()
-    if any(word in name for word in _SPAWNING_STRATEGIES):
+    if spawns_inside_the_fit(name):
         raise ValueError(
             f"trainer.strategy={name} is not supported: use trainer.strategy=ddp (every rank runs the whole "
             "job; rank 0 writes its files)"

@@ -15,6 +15,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from latentdyn.tracking.ranks import spawns_inside_the_fit
+
 # One path component; letters, digits, `_`, `-` and `.`; not starting with `.` (rules out `.`, `..` and
 # hidden directories) and not empty.
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
@@ -210,7 +212,7 @@ def check_data_parallel(cfg: DictConfig, hydra_cfg: Any = None) -> None:
     hydra_cfg = hydra_cfg if hydra_cfg is not None else OmegaConf.select(cfg, "hydra", default=None)
     strategy = str(OmegaConf.select(cfg, "trainer.strategy", default="auto"))
     devices = OmegaConf.select(cfg, "trainer.devices", default=1)
-    if any(word in strategy for word in ("spawn", "fork", "notebook")):
+    if spawns_inside_the_fit(strategy):
         raise InvalidValue(
             f"trainer.strategy={strategy}: not supported; use trainer.strategy=ddp (every rank runs the "
             "whole job, rank 0 writes its files)"

@@ -16,6 +16,17 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+#: Words of the Lightning strategies that start their processes inside the fit (``ddp_spawn``, ``ddp_fork``,
+#: ``ddp_notebook``): those run only the fit in the processes they start and would leave the rest of the job
+#: (evaluation, files) without the fit's weights. Our ranks are started before the job runs (Lightning's
+#: script launcher, torchrun, SLURM), so that every rank runs the whole job.
+_SPAWNING_WORDS = ("spawn", "fork", "notebook")
+
+
+def spawns_inside_the_fit(strategy: str) -> bool:
+    """Whether the strategy named ``strategy`` is one that a latentdyn job cannot run under (see above)."""
+    return any(word in strategy for word in _SPAWNING_WORDS)
+
 
 def global_rank(env: Mapping[str, str] | None = None) -> int:
     """This process's global rank (0 for a single-process job).
